@@ -1,0 +1,42 @@
+"""metatut: a small, tested toolkit for meta-learning (MAML and friends) in functional PyTorch.
+
+A model is an ``nn.Module`` plus a dict of parameters; algorithms are pure functions of
+``(params, task batch)``. Start with::
+
+    import metatut as mt
+    model = mt.mlp()
+    params = mt.init_params(model)
+    loss = mt.maml_loss(model, params, batch, inner_lr=0.01)
+"""
+from .budget import data_dir, pick, profile
+from .checkpoint import load_checkpoint, save_checkpoint
+from .device import make_generator, pick_device
+from .evaluate import Summary, evaluate_adaptation, summarize
+from .functional import (
+    adapt,
+    adaptation_curve,
+    can_vectorize,
+    inner_step,
+    maml_loss,
+    maml_objective,
+    meta_gradient,
+    per_task_losses,
+    summed_loss_objective,
+    summed_task_loss,
+    task_loss,
+)
+from .models import Params, count_parameters, forward, functional_model, init_params, mlp
+from .progress import progress
+from .tasks import LinearTasks, SinusoidTasks, TaskBatch
+from .train import TrainResult, meta_train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Params", "TaskBatch", "SinusoidTasks", "LinearTasks", "Summary", "TrainResult",
+    "mlp", "init_params", "forward", "functional_model", "count_parameters",
+    "task_loss", "per_task_losses", "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective",
+    "summed_loss_objective", "meta_gradient", "adaptation_curve", "can_vectorize",
+    "meta_train", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
+    "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
+]

@@ -1,0 +1,20 @@
+"""Progress bars that the budget profile can silence (``tqdm.auto`` ignores ``TQDM_DISABLE`` in a kernel)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+from .budget import quiet
+
+__all__ = ["progress"]
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str | None = None,
+             enabled: bool | None = None, **kwargs) -> tqdm:
+    """A ``tqdm.auto`` bar (a widget in Jupyter, text in a terminal), disabled when :func:`quiet`."""
+    disable = quiet() if enabled is None else not enabled
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=kwargs.pop("leave", True), **kwargs)

@@ -1,0 +1,89 @@
+"""The meta-training loop: Adam on the meta-parameters, a progress bar, a loss history, a sanity check."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .functional import _check_params
+from .models import Params
+from .progress import progress
+from .tasks.base import TaskBatch, check_positive_int
+
+__all__ = ["TrainResult", "meta_train"]
+
+Objective = Callable[[Params, TaskBatch], Tensor]
+Sampler = Callable[[torch.Generator], TaskBatch]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`meta_train` returns: the trained parameters, the optimiser and the loss history."""
+
+    params: Params
+    optimizer: torch.optim.Optimizer
+    losses: Tensor  # [steps] meta-loss per iteration (CPU, float)
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+    def smoothed(self, window: int = 100) -> Tensor:
+        """Running mean of the loss history over ``window`` iterations (for plots)."""
+        window = max(1, min(window, len(self.losses)))
+        kernel = torch.ones(window, dtype=self.losses.dtype) / window
+        return torch.nn.functional.conv1d(self.losses.view(1, 1, -1), kernel.view(1, 1, -1)).view(-1)
+
+
+def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, steps: int,
+               meta_lr: float = 1e-3, generator: torch.Generator | None = None,
+               optimizer: torch.optim.Optimizer | None = None, log_every: int = 100, desc: str = "meta-training",
+               progress_bar: bool | None = None, check: bool = True) -> TrainResult:
+    """Minimise ``objective(params, batch)`` over task batches with Adam (in place on ``params``).
+
+    ``sample_tasks(generator)`` returns a fresh :class:`TaskBatch` each iteration. The loss is kept on
+    the device (no host synchronisation per step) except every ``log_every`` steps for the progress bar.
+    With ``check=True`` the run ends by checking its own sanity: finite losses, and a final loss no
+    higher than the first (a warning otherwise).
+    """
+    _check_params(params)
+    check_positive_int("steps", steps)
+    check_positive_int("log_every", log_every)
+    if not (isinstance(meta_lr, (int, float)) and meta_lr > 0 and math.isfinite(meta_lr)):
+        raise ValueError(f"meta_lr must be a finite number > 0 (got {meta_lr!r})")
+    leaves = list(params.values())
+    if not all(p.is_leaf and p.requires_grad for p in leaves):
+        raise ValueError("params must be leaf tensors with requires_grad=True (use metatut.init_params(model))")
+    if optimizer is None:
+        optimizer = torch.optim.Adam(leaves, lr=meta_lr)
+    device = leaves[0].device
+    history = torch.empty(steps, device=device)
+    bar = progress(range(steps), desc=desc, enabled=progress_bar)
+    for step in bar:
+        batch = sample_tasks(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective(params, batch)
+        loss.backward()
+        optimizer.step()
+        history[step] = loss.detach()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            window = history[max(0, step + 1 - log_every): step + 1]
+            bar.set_postfix(loss=f"{window.mean().item():.4f}")
+    losses = history.float().cpu()
+    if check:
+        _sanity_check(losses, desc)
+    return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=steps)
+
+
+def _sanity_check(losses: Tensor, desc: str) -> None:
+    if not torch.isfinite(losses).all():
+        first_bad = int((~torch.isfinite(losses)).nonzero()[0])
+        raise FloatingPointError(f"{desc}: the loss became NaN or infinite at step {first_bad}; "
+                                 "lower meta_lr or inner_lr")
+    window = max(1, min(50, len(losses) // 10))
+    start, end = losses[:window].mean().item(), losses[-window:].mean().item()
+    if len(losses) >= 20 and end > start:
+        warnings.warn(f"{desc}: the loss did not decrease (first {window} steps: {start:.4f}, "
+                      f"last {window}: {end:.4f}); check meta_lr, inner_lr and the objective", stacklevel=3)
