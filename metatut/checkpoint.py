@@ -57,7 +57,7 @@ def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": config,
         "step": int(step),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     return atomic_save(state, path)
 

@@ -19,8 +19,11 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     """
     choice = prefer if prefer is not None else os.environ.get("METATUT_DEVICE") or None
     if choice is not None:
-        device = torch.device(choice)
-        if device.type not in _VALID:
+        try:
+            device = torch.device(choice)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in _VALID:
             raise ValueError(f"device must be one of {_VALID} (got {str(choice)!r})")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for, but torch.cuda.is_available() is False")

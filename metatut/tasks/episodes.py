@@ -1,0 +1,114 @@
+r"""N-way K-shot classification episodes sampled on the device from a tensor of images.
+
+An episode (a task) picks ``N`` classes at random, relabels them ``0..N-1`` in the order drawn, and
+takes ``K`` support and ``Q`` query images of each class, all distinct (support and query never share
+an image). Everything is tensor indexing on the images' device: random keys from ``torch.rand`` are
+``argsort``-ed to draw classes and images without replacement, so there is no DataLoader and no Python
+loop over examples; the same seed gives the same episodes.
+
+Layout of one task: support ``[N*K]`` ordered class by class (labels ``0,..,0, 1,..,1, ...``), query
+``[N*Q]`` likewise.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import TaskBatch, check_positive_int
+
+__all__ = ["sample_episodes", "EpisodeSampler"]
+
+
+def _as_images(images) -> Tensor:
+    """Accept a tensor ``[classes, per_class, H, W]`` or anything with an ``images`` tensor attribute."""
+    images = getattr(images, "images", images)
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise TypeError("images must be a tensor [classes, images_per_class, H, W] (uint8 with ink = 255, or float "
+                        f"in [0, 1]) or metatut.data.OmniglotImages (got {getattr(images, 'shape', type(images))})")
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise TypeError(f"images must be uint8 or floating point (got {images.dtype})")
+    return images
+
+
+def _check_episode(images: Tensor, num_tasks, n_way, k_shot, q_query) -> None:
+    classes, per_class = images.shape[:2]
+    check_positive_int("num_tasks", num_tasks)
+    check_positive_int("n_way", n_way)
+    check_positive_int("k_shot", k_shot)
+    check_positive_int("q_query", q_query)
+    if n_way > classes:
+        raise ValueError(f"n_way must be an int in [1, {classes}] (the number of classes) (got {n_way})")
+    if k_shot + q_query > per_class:
+        raise ValueError(f"k_shot + q_query must be at most {per_class} (the images per class) "
+                         f"(got k_shot={k_shot}, q_query={q_query})")
+
+
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator lives on {generator.device} but the images are on {device}; make the generator "
+                         "on the images' device (metatut.make_generator(seed, device))")
+
+
+def _draw(images: Tensor, num_tasks: int, n_way: int, k_shot: int, q_query: int,
+          generator: torch.Generator | None, dtype: torch.dtype) -> TaskBatch:
+    classes, per_class, height, width = images.shape
+    device = images.device
+    # Without replacement: the first n of a random permutation (argsort of uniform keys).
+    chosen = torch.rand(num_tasks, classes, generator=generator, device=device).argsort(dim=1)[:, :n_way]
+    picks = torch.rand(num_tasks, n_way, per_class, generator=generator, device=device).argsort(dim=2)
+    picks = picks[:, :, :k_shot + q_query]                                    # [tasks, N, K+Q]
+    x = images[chosen.unsqueeze(-1), picks]                                   # [tasks, N, K+Q, H, W]
+    x = x.to(dtype).div_(255) if images.dtype == torch.uint8 else x.to(dtype)
+    x = x.unsqueeze(3)                                                        # [tasks, N, K+Q, 1, H, W]
+    labels = torch.arange(n_way, device=device).view(1, n_way, 1)
+
+    def flat(t: Tensor) -> Tensor:
+        return t.flatten(1, 2)
+
+    support_y = flat(labels.expand(num_tasks, n_way, k_shot))
+    query_y = flat(labels.expand(num_tasks, n_way, q_query))
+    return TaskBatch(flat(x[:, :, :k_shot]), support_y.contiguous(), flat(x[:, :, k_shot:]), query_y.contiguous(),
+                     {"classes": chosen, "examples": picks})
+
+
+def sample_episodes(images, num_tasks: int, n_way: int, k_shot: int, q_query: int, *,
+                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> TaskBatch:
+    """Draw ``num_tasks`` N-way K-shot episodes with ``q_query`` query images per class.
+
+    ``images``: ``[classes, per_class, H, W]`` (uint8 ink = 255, scaled to [0, 1]; or float, used as is) or
+    :class:`metatut.data.OmniglotImages`. Sampling runs on the images' device with ``generator``.
+    Returns a :class:`TaskBatch` with ``support_x [tasks, N*K, 1, H, W]``, ``support_y [tasks, N*K]``
+    int64 in ``0..N-1``, ``query_x [tasks, N*Q, 1, H, W]``, ``query_y [tasks, N*Q]``, and
+    ``info['classes'] [tasks, N]`` (class index of each label), ``info['examples'] [tasks, N, K+Q]``
+    (image index within each class; the first ``K`` are the support).
+    """
+    images = _as_images(images)
+    _check_episode(images, num_tasks, n_way, k_shot, q_query)
+    _check_generator(generator, images.device)
+    return _draw(images, num_tasks, n_way, k_shot, q_query, generator, dtype)
+
+
+class EpisodeSampler:
+    """``sampler(generator) -> TaskBatch`` with fixed settings, e.g. for :func:`metatut.meta_train`.
+
+    Moves the images to ``device`` once (default: where they are) and checks the settings at construction.
+    """
+
+    def __init__(self, images, *, n_way: int, k_shot: int, q_query: int, num_tasks: int = 1,
+                 device=None, dtype: torch.dtype = torch.float32) -> None:
+        images = _as_images(images)
+        _check_episode(images, num_tasks, n_way, k_shot, q_query)
+        self.images = images.to(device) if device is not None else images
+        self.n_way, self.k_shot, self.q_query, self.num_tasks, self.dtype = n_way, k_shot, q_query, num_tasks, dtype
+
+    def __repr__(self) -> str:
+        return (f"EpisodeSampler({self.n_way}-way {self.k_shot}-shot, {self.q_query} queries per class, "
+                f"{self.num_tasks} tasks, {self.images.shape[0]} classes on {self.device})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __call__(self, generator: torch.Generator | None = None) -> TaskBatch:
+        _check_generator(generator, self.images.device)
+        return _draw(self.images, self.num_tasks, self.n_way, self.k_shot, self.q_query, generator, self.dtype)
