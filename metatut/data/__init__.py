@@ -10,8 +10,8 @@ from .omniglot import (
     fetch_zip,
     fraction_split,
     load_omniglot,
+    load_omniglot_from,
     maml_split,
-    omniglot,
     omniglot_dir,
     split_characters,
     with_rotations,
@@ -28,7 +28,7 @@ from .one_shot_runs import (
 
 __all__ = [
     "IMAGES_PER_CHARACTER", "OFFICIAL_ZIPS", "URL_PREFIX", "OmniglotImages", "OmniglotSplit",
-    "omniglot_dir", "fetch_zip", "extract_zip", "decode_png", "load_omniglot", "omniglot",
+    "omniglot_dir", "fetch_zip", "extract_zip", "decode_png", "load_omniglot_from", "load_omniglot",
     "with_rotations", "split_characters", "maml_split", "fraction_split",
     "HUMAN_ERROR", "BPL_ERROR", "OneShotRuns", "OneShotResult", "load_one_shot_runs", "evaluate_one_shot",
     "pixel_nearest_neighbour",

@@ -11,9 +11,12 @@ Pipeline:
    interrupted or corrupt download never looks like data. Offline, place the zips there yourself.
 2. :func:`extract_zip` extracts a zip into a new folder, atomically, rejecting any member whose path
    would leave the target folder (absolute paths, ``..``).
-3. :func:`load_omniglot` decodes any zips or folders in Omniglot's layout **once** into a uint8 tensor
+3. :func:`load_omniglot_from` decodes any zips or folders in Omniglot's layout **once** into a uint8 tensor
    ``[characters, 20, S, S]`` and caches it (keyed by the sources' names, sizes and mtimes and by ``S``);
    later loads read the cache (``torch.load(weights_only=True)``).
+
+:func:`load_omniglot` does all three for a named set: ``'full'`` (1,623 characters), ``'background'``,
+``'evaluation'`` or ``'small'`` (the two small background sets, 242 characters).
 
 Preprocessing (as in the MAML paper, which uses 28x28 images): each PNG is converted to greyscale and
 resized 105 -> ``image_size`` with Pillow's Lanczos filter (antialiased), then inverted so that
@@ -52,7 +55,7 @@ from ..tasks.base import check_positive_int
 
 __all__ = [
     "IMAGES_PER_CHARACTER", "OFFICIAL_ZIPS", "URL_PREFIX", "OmniglotImages", "OmniglotSplit",
-    "omniglot_dir", "fetch_zip", "extract_zip", "decode_png", "load_omniglot", "omniglot",
+    "omniglot_dir", "fetch_zip", "extract_zip", "decode_png", "load_omniglot_from", "load_omniglot",
     "with_rotations", "split_characters", "maml_split", "fraction_split",
 ]
 
@@ -74,7 +77,7 @@ OFFICIAL_ZIPS: dict[str, tuple[str, str]] = {
     "all_runs": ("one-shot-classification/all_runs.zip", "e8996daecdf12afeeb4a53a179f06b19"),
 }
 
-#: The character sets :func:`omniglot` knows: name -> (zips, expected number of characters).
+#: The character sets :func:`load_omniglot` knows: name -> (zips, expected number of characters).
 SETS: dict[str, tuple[tuple[str, ...], int]] = {
     "full": (("images_background", "images_evaluation"), 1623),
     "background": (("images_background",), 964),
@@ -363,7 +366,7 @@ def _read_cache(path: Path, key: str) -> OmniglotImages | None:
     return None
 
 
-def load_omniglot(*sources: str | os.PathLike, image_size: int = 28, cache: bool = True,
+def load_omniglot_from(*sources: str | os.PathLike, image_size: int = 28, cache: bool = True,
                   cache_dir: str | os.PathLike | None = None) -> OmniglotImages:
     """Decode Omniglot zips and/or folders into :class:`OmniglotImages` ``[characters, 20, S, S]``.
 
@@ -398,7 +401,7 @@ def load_omniglot(*sources: str | os.PathLike, image_size: int = 28, cache: bool
             s.close()
 
 
-def omniglot(which: str = "full", *, root: str | os.PathLike | None = None, download: bool = True,
+def load_omniglot(which: str = "full", *, root: str | os.PathLike | None = None, download: bool = True,
              image_size: int = 28, cache: bool = True, cache_dir: str | os.PathLike | None = None) -> OmniglotImages:
     """Load one of the official character sets: ``'full'`` (1,623), ``'background'`` (964),
     ``'evaluation'`` (659) or ``'small'`` (the two small background sets, deduplicated: 242).
@@ -421,7 +424,7 @@ def omniglot(which: str = "full", *, root: str | os.PathLike | None = None, down
         if not folder.is_dir():
             extract_zip(fetch_zip(name, root, download=download), folder)
         sources.append(folder)
-    data = load_omniglot(*sources, image_size=image_size, cache=cache, cache_dir=cache_dir)
+    data = load_omniglot_from(*sources, image_size=image_size, cache=cache, cache_dir=cache_dir)
     if len(data) != expected:
         raise ValueError(f"expected {expected} characters in Omniglot '{which}' but found {len(data)} in "
                          f"{[str(s) for s in sources]}; delete the folders there and call again to re-extract")
