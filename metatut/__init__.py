@@ -12,22 +12,41 @@ from .budget import data_dir, pick, profile
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import make_generator, pick_device
 from .evaluate import Summary, evaluate_adaptation, summarize
+from . import data
+from .conv import Conv4, conv4
 from .functional import (
+    MAMLObjective,
     adapt,
     adaptation_curve,
     can_vectorize,
+    final_layer_names,
     inner_step,
+    learned_inner_lrs,
     maml_loss,
     maml_objective,
     meta_gradient,
+    msl_weights,
     per_task_losses,
+    reptile_loss,
+    reptile_objective,
+    split_learned_lrs,
     summed_loss_objective,
     summed_task_loss,
     task_loss,
 )
 from .models import Params, count_parameters, forward, functional_model, init_params, mlp
 from .progress import progress
-from .tasks import LinearTasks, SinusoidTasks, TaskBatch
+from .protonet import (
+    accuracy,
+    embed_episodes,
+    protonet_accuracy,
+    protonet_logits,
+    protonet_loss,
+    protonet_objective,
+    protonet_predictor,
+    prototypes,
+)
+from .tasks import EpisodeSampler, LinearTasks, SinusoidTasks, TaskBatch, sample_episodes
 from .train import TrainResult, meta_train
 
 __version__ = "0.1.0"
@@ -39,4 +58,8 @@ __all__ = [
     "summed_loss_objective", "meta_gradient", "adaptation_curve", "can_vectorize",
     "meta_train", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
     "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
+    "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
+    "final_layer_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
+    "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
+    "protonet_predictor", "accuracy", "embed_episodes",
 ]

@@ -35,9 +35,10 @@ from .models import Params
 from .tasks.base import TaskBatch, check_positive_int
 
 __all__ = [
-    "LossFn", "VMAP_VERIFIED_LAYERS", "can_vectorize", "task_loss", "per_task_losses", "summed_task_loss",
-    "inner_step", "adapt", "maml_loss", "maml_objective", "summed_loss_objective", "meta_gradient",
-    "adaptation_curve",
+    "LossFn", "VMAP_VERIFIED_LAYERS", "LEARNED_LR_PREFIX", "can_vectorize", "task_loss", "per_task_losses",
+    "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective", "MAMLObjective", "msl_weights",
+    "summed_loss_objective", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
+    "final_layer_names", "meta_gradient", "adaptation_curve",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -133,109 +134,336 @@ def summed_task_loss(model: nn.Module, params: Params, batch: TaskBatch, *, loss
     return _reduce(per_task_losses(model, params, x, y, loss_fn, vectorize), reduction)
 
 
+# ------------------------------------------------------------------------------- inner step sizes
+#: Keys of learned inner step sizes inside a parameter dict: ``inner_lr.<name>`` (shared by all inner
+#: steps) or ``inner_lr.step<k>.<name>`` (step ``k`` only, as in MAML++).
+LEARNED_LR_PREFIX = "inner_lr."
+
+
+def learned_inner_lrs(params: Params, *, init: float = 0.01, granularity: str = "parameter",
+                      steps: int | None = None) -> Params:
+    """Learnable inner step sizes for ``params``, to be meta-learned together with them.
+
+    ``granularity='parameter'``: one step size per scalar parameter (Meta-SGD, Li et al. 2017);
+    ``granularity='tensor'``: one per parameter tensor (per layer). ``steps=k`` gives each of ``k``
+    inner steps its own step sizes (MAML++'s per-layer per-step rates, Antoniou et al. 2019).
+    Returns ``{'inner_lr.<name>' or 'inner_lr.step<k>.<name>': tensor}``; merge it into the
+    parameter dict (``{**params, **lrs}``) and use ``inner_lr='learned'``.
+    """
+    _check_params(params)
+    init = _check_step_size("init", init)
+    if granularity not in ("parameter", "tensor"):
+        raise ValueError(f"granularity must be 'parameter' or 'tensor' (got {granularity!r})")
+    keys = [""] if steps is None else [f"step{k}." for k in range(check_positive_int("steps", steps))]
+    out = {}
+    for prefix in keys:
+        for name, p in params.items():
+            shape = p.shape if granularity == "parameter" else ()
+            out[f"{LEARNED_LR_PREFIX}{prefix}{name}"] = torch.full(shape, init, dtype=p.dtype, device=p.device,
+                                                                   requires_grad=True)
+    return out
+
+
+def split_learned_lrs(params: Params) -> tuple[Params, Params]:
+    """Split a parameter dict into ``(model parameters, learned inner step sizes)``."""
+    theta = {k: v for k, v in params.items() if not k.startswith(LEARNED_LR_PREFIX)}
+    lrs = {k: v for k, v in params.items() if k.startswith(LEARNED_LR_PREFIX)}
+    return theta, lrs
+
+
+def _resolve_inner_lr(inner_lr, params: Params):
+    """Return ``(theta, rates)``: the model parameters and a dict of step sizes (or one float)."""
+    if isinstance(inner_lr, str):
+        if inner_lr != "learned":
+            raise ValueError(f"inner_lr must be a number >= 0, a dict of tensors or 'learned' (got {inner_lr!r})")
+        theta, rates = split_learned_lrs(params)
+        if not rates:
+            raise ValueError("inner_lr='learned' needs learned step sizes in params: "
+                             "params = {**params, **metatut.learned_inner_lrs(params)}")
+        return theta, rates
+    if isinstance(inner_lr, dict):
+        return params, {k if k.startswith(LEARNED_LR_PREFIX) else LEARNED_LR_PREFIX + k: v
+                        for k, v in inner_lr.items()}
+    return params, _check_step_size("inner_lr", inner_lr)
+
+
+def _rate(rates, name: str, step: int):
+    if not isinstance(rates, dict):
+        return rates
+    for key in (f"{LEARNED_LR_PREFIX}step{step}.{name}", f"{LEARNED_LR_PREFIX}{name}"):
+        if key in rates:
+            return rates[key]
+    raise KeyError(f"no inner step size for parameter {name!r} at inner step {step} "
+                   f"(expected key {LEARNED_LR_PREFIX}{name!r} or {LEARNED_LR_PREFIX}step{step}.{name!r})")
+
+
+def _check_adapt_names(params: Params, adapt_names) -> list[str]:
+    if adapt_names is None:
+        return list(params)
+    names = list(adapt_names)
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise ValueError(f"adapt_names must be a non-empty subset of the parameter names {list(params)} "
+                         f"(unknown: {unknown})")
+    return names
+
+
+def final_layer_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of the last submodule that owns parameters (ANIL's "head")."""
+    owners = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    if not owners:
+        raise ValueError("the model has no parameters")
+    prefix, module = owners[-1]
+    return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+
+
 # -------------------------------------------------------------------------------------- inner loop
+def _sgd_step(model, params: Params, x, y, *, rates, step: int, first_order: bool, adapt_names, loss_fn,
+              functional: bool) -> Params:
+    """theta_{k+1} = theta_k - rate * grad L_S(theta_k) on the parameters in ``adapt_names``.
+
+    ``functional=True`` uses ``torch.func.grad`` (runs under ``vmap``); ``False`` uses
+    ``torch.autograd.grad`` with ``create_graph=not first_order`` (the per-task reference).
+    """
+    if functional:
+        def support_loss(sub):
+            return loss_fn(functional_call(model, {**params, **sub}, (x,)), y)
+        grads = grad(support_loss)({n: params[n] for n in adapt_names})
+        if first_order:
+            grads = {n: g.detach() for n, g in grads.items()}
+    else:
+        with torch.enable_grad():
+            inputs = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_()
+                      for n in adapt_names}
+            loss = loss_fn(functional_call(model, {**params, **inputs}, (x,)), y)
+            grads = dict(zip(adapt_names, torch.autograd.grad(loss, list(inputs.values()),
+                                                              create_graph=not first_order)))
+            params = {**params, **inputs}
+    new = dict(params)
+    for n in adapt_names:
+        new[n] = params[n] - _rate(rates, n, step) * grads[n]
+    return new
+
+
+def _trajectory(model, params, x, y, *, rates, steps, first_order, adapt_names, loss_fn, functional,
+                checkpoint_steps=False) -> list[Params]:
+    """[theta_0, theta_1, ..., theta_steps] for one task."""
+    path = [params]
+    for k in range(steps):
+        if checkpoint_steps and not functional:
+            names = list(params)
+
+            def step_fn(*tensors, _k=k):
+                out = _sgd_step(model, dict(zip(names, tensors)), x, y, rates=rates, step=_k, first_order=first_order,
+                                adapt_names=adapt_names, loss_fn=loss_fn, functional=False)
+                return tuple(out[n] for n in names)
+
+            params = dict(zip(names, torch.utils.checkpoint.checkpoint(step_fn, *params.values(),
+                                                                       use_reentrant=False)))
+        else:
+            params = _sgd_step(model, params, x, y, rates=rates, step=k, first_order=first_order,
+                               adapt_names=adapt_names, loss_fn=loss_fn, functional=functional)
+        path.append(params)
+    return path
+
+
 def inner_step(model: nn.Module, params: Params, x: Tensor, y: Tensor, inner_lr: float, *,
                create_graph: bool = True, loss_fn: LossFn = F.mse_loss) -> Params:
     r"""One SGD step on one task's support set: :math:`\theta' = \theta - \alpha \nabla L_S(\theta)`.
 
-    ``create_graph=True`` keeps the step differentiable (second-order MAML); ``False`` treats the
-    gradient as a constant (first-order MAML). Returns a new dict; ``params`` is not modified.
+    ``x [shots, ...]``, ``y [shots, ...]``. ``create_graph=True`` keeps the step differentiable
+    (second-order MAML); ``False`` treats the gradient as a constant (first-order MAML).
+    Returns a new dict; ``params`` is not modified.
     """
-    names = list(params)
-    tensors = [params[n] for n in names]
-    with torch.enable_grad():
-        tensors = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors]
-        loss = task_loss(model, dict(zip(names, tensors)), x, y, loss_fn)
-        grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
-    return {n: t - inner_lr * g for n, t, g in zip(names, tensors, grads)}
+    _check_params(params)
+    theta, rates = _resolve_inner_lr(inner_lr, params)
+    return _sgd_step(model, theta, x, y, rates=rates, step=0, first_order=not create_graph,
+                     adapt_names=list(theta), loss_fn=loss_fn, functional=False)
 
 
-def _adapt_one(model, params, x, y, inner_lr, steps, first_order, loss_fn) -> Params:
-    for _ in range(steps):
-        params = inner_step(model, params, x, y, inner_lr, create_graph=not first_order, loss_fn=loss_fn)
-    return params
-
-
-def _adapt_functional(model, params, x, y, inner_lr, steps, first_order, loss_fn) -> Params:
-    """The same inner loop written with ``torch.func.grad`` so that it can run under ``vmap``."""
-    def support_loss(p):
-        return loss_fn(functional_call(model, p, (x,)), y)
-    for _ in range(steps):
-        g = grad(support_loss)(params)
-        if first_order:
-            g = {k: v.detach() for k, v in g.items()}
-        params = {k: params[k] - inner_lr * g[k] for k in params}
-    return params
-
-
-def adapt(model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, *, inner_lr: float,
-          steps: int = 1, first_order: bool = False, loss_fn: LossFn = F.mse_loss, vectorize="auto") -> Params:
+def adapt(model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, *, inner_lr, steps: int = 1,
+          first_order: bool = False, adapt_names=None, loss_fn: LossFn = F.mse_loss, vectorize="auto") -> Params:
     """Adapt ``params`` to each task with ``steps`` SGD steps of size ``inner_lr`` on its support set.
 
     ``support_x [tasks, shots, ...]``, ``support_y [tasks, shots, ...]``. Returns a dict whose tensors
     have a leading task dimension: ``{name: [tasks, *param.shape]}``. The result stays differentiable
     with respect to ``params`` (fully for ``first_order=False``; through the identity path only for
-    ``first_order=True``).
+    ``first_order=True``). ``inner_lr`` is a number, a dict of step sizes, or ``'learned'``;
+    ``adapt_names`` restricts adaptation to some parameters (ANIL: the head).
     """
     _check_params(params)
-    inner_lr = _check_step_size("inner_lr", inner_lr)
     check_positive_int("steps", steps, minimum=0)
+    theta, rates = _resolve_inner_lr(inner_lr, params)
+    names = _check_adapt_names(theta, adapt_names)
+    options = dict(rates=rates, steps=steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn)
     if _use_vmap(model, vectorize):
-        fn = partial(_adapt_functional, model, inner_lr=inner_lr, steps=steps, first_order=first_order,
-                     loss_fn=loss_fn)
         with torch.enable_grad():
-            return vmap(fn, in_dims=(None, 0, 0))(params, support_x, support_y)
-    adapted = [_adapt_one(model, params, support_x[t], support_y[t], inner_lr, steps, first_order, loss_fn)
+            return vmap(lambda p, x, y: _trajectory(model, p, x, y, functional=True, **options)[-1],
+                        in_dims=(None, 0, 0))(theta, support_x, support_y)
+    adapted = [_trajectory(model, theta, support_x[t], support_y[t], functional=False, **options)[-1]
                for t in range(support_x.shape[0])]
-    return {k: torch.stack([a[k] for a in adapted]) for k in params}
+    return {k: torch.stack([a[k] for a in adapted]) for k in theta}
 
 
 # --------------------------------------------------------------------------------------- meta-loss
-def _query_loss_after_adaptation(model, params, sx, sy, qx, qy, inner_lr, steps, first_order, loss_fn):
-    adapted = _adapt_functional(model, params, sx, sy, inner_lr, steps, first_order, loss_fn)
-    return loss_fn(functional_call(model, adapted, (qx,)), qy)
+def _check_step_weights(step_weights, steps: int):
+    if step_weights is None:
+        return None
+    w = torch.as_tensor(step_weights)
+    if w.shape != (steps,):
+        raise ValueError(f"step_weights must have one weight per inner step, shape ({steps},) "
+                         f"(got {tuple(w.shape)})")
+    return w
 
 
-def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr: float, inner_steps: int = 1,
-              first_order: bool = False, loss_fn: LossFn = F.mse_loss, reduction: str = "mean",
-              vectorize="auto") -> Tensor:
+def _task_meta_loss(model, params, sx, sy, qx, qy, *, weights, functional, loss_fn, **options):
+    path = _trajectory(model, params, sx, sy, functional=functional, loss_fn=loss_fn, **options)
+    if weights is None:
+        return loss_fn(functional_call(model, path[-1], (qx,)), qy)
+    losses = torch.stack([loss_fn(functional_call(model, p, (qx,)), qy) for p in path[1:]])
+    return (weights.to(losses) * losses).sum()
+
+
+def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, inner_steps: int = 1,
+              first_order: bool = False, adapt_names=None, step_weights=None, checkpoint_steps: bool = False,
+              loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto") -> Tensor:
     r"""The MAML meta-loss :math:`\frac{1}{T}\sum_t L_{Q_t}(\mathrm{adapt}_t(\theta))` (``reduction='mean'``).
 
     Differentiate it with respect to ``params`` (``.backward()`` or ``torch.autograd.grad``) to get
     the second-order meta-gradient, or the first-order one with ``first_order=True``.
-    ``inner_steps=0`` makes it the summed-task loss on the query sets.
+    ``inner_steps=0`` makes it the summed-task loss on the query sets. Options of the MAML family:
+
+    * ``inner_lr``: a number; a dict ``{name: step size}`` (scalar or parameter-shaped); or
+      ``'learned'`` to read step sizes from ``params`` (Meta-SGD, MAML++; see :func:`learned_inner_lrs`);
+    * ``adapt_names``: adapt only these parameters in the inner loop (ANIL: :func:`final_layer_names`);
+    * ``step_weights [inner_steps]``: multi-step loss :math:`\sum_k w_k L_Q(\theta_k)` (MAML++);
+    * ``checkpoint_steps``: recompute each inner step in the backward pass instead of storing it
+      (gradient checkpointing: less memory, more time; per-task loop only).
     """
     _check_params(params)
     _check_batch(batch)
     _check_reduction(reduction)
-    inner_lr = _check_step_size("inner_lr", inner_lr)
     check_positive_int("inner_steps", inner_steps, minimum=0)
-    if _use_vmap(model, vectorize):
-        fn = partial(_query_loss_after_adaptation, model, inner_lr=inner_lr, steps=inner_steps,
-                     first_order=first_order, loss_fn=loss_fn)
-        losses = vmap(fn, in_dims=(None, 0, 0, 0, 0))(
-            params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    theta, rates = _resolve_inner_lr(inner_lr, params)
+    names = _check_adapt_names(theta, adapt_names)
+    weights = _check_step_weights(step_weights, inner_steps)
+    use_vmap = _use_vmap(model, vectorize) and not checkpoint_steps
+    if checkpoint_steps and vectorize is True:
+        raise ValueError("checkpoint_steps=True runs the per-task loop; it cannot be combined with vectorize=True")
+    options = dict(rates=rates, steps=inner_steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn,
+                   weights=weights)
+    if use_vmap:
+        losses = vmap(lambda p, sx, sy, qx, qy: _task_meta_loss(model, p, sx, sy, qx, qy, functional=True, **options),
+                      in_dims=(None, 0, 0, 0, 0))(theta, batch.support_x, batch.support_y, batch.query_x,
+                                                  batch.query_y)
     else:
-        losses = []
-        for t in range(batch.num_tasks):
-            adapted = _adapt_one(model, params, batch.support_x[t], batch.support_y[t], inner_lr, inner_steps,
-                                 first_order, loss_fn)
-            losses.append(task_loss(model, adapted, batch.query_x[t], batch.query_y[t], loss_fn))
-        losses = torch.stack(losses)
+        losses = torch.stack([
+            _task_meta_loss(model, theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t],
+                            functional=False, checkpoint_steps=checkpoint_steps, **options)
+            for t in range(batch.num_tasks)])
     return _reduce(losses, reduction)
 
 
-def maml_objective(model: nn.Module, **options) -> Callable[[Params, TaskBatch], Tensor]:
-    """``objective(params, batch)`` for :func:`metatut.meta_train`: :func:`maml_loss` with fixed options."""
-    _check_step_size("inner_lr", options.get("inner_lr"))
-    objective = partial(maml_loss, model, **options)
-    objective.__doc__ = f"MAML meta-loss with {options}"
-    return objective
+def msl_weights(iteration: int, inner_steps: int, anneal_iterations: int, *, min_weight: float = 0.03) -> Tensor:
+    """MAML++'s multi-step-loss weights at meta-iteration ``iteration`` (Antoniou et al. 2019, sec. 4).
+
+    They start uniform (1/K each) and move linearly, over ``anneal_iterations``, towards all weight on
+    the last step; the earlier steps keep at least ``min_weight / K``. Returns ``[inner_steps]``,
+    summing to 1.
+    """
+    k = check_positive_int("inner_steps", inner_steps)
+    n = check_positive_int("anneal_iterations", anneal_iterations)
+    frac = min(max(iteration, 0) / n, 1.0)
+    floor = min_weight / k
+    early = max(1.0 / k - frac / k, floor)
+    weights = torch.full((k,), early, dtype=torch.float64)
+    weights[-1] = 1.0 - early * (k - 1)
+    return weights
+
+
+class MAMLObjective:
+    """``objective(params, batch, step)`` for :func:`metatut.meta_train`: :func:`maml_loss` with fixed options,
+    plus MAML++'s schedules over meta-iterations.
+
+    * ``first_order_until=N``: first-order meta-gradients for iterations ``< N``, then second order
+      (derivative-order annealing);
+    * ``msl_anneal_iterations=N``: multi-step loss with :func:`msl_weights` annealed over ``N`` iterations
+      (needs ``inner_steps >= 2`` to matter).
+    """
+
+    uses_step = True
+
+    def __init__(self, model: nn.Module, *, first_order_until: int = 0, msl_anneal_iterations: int = 0, **options):
+        if "inner_lr" not in options:
+            raise TypeError("maml_objective needs inner_lr (a number >= 0, a dict of step sizes or 'learned')")
+        if not isinstance(options["inner_lr"], (str, dict)):
+            _check_step_size("inner_lr", options["inner_lr"])
+        check_positive_int("first_order_until", first_order_until, minimum=0)
+        check_positive_int("msl_anneal_iterations", msl_anneal_iterations, minimum=0)
+        self.model, self.options = model, options
+        self.first_order_until, self.msl_anneal_iterations = first_order_until, msl_anneal_iterations
+
+    def options_at(self, step: int | None) -> dict:
+        """The keyword arguments :func:`maml_loss` gets at meta-iteration ``step``."""
+        options = dict(self.options)
+        if step is not None and step < self.first_order_until:
+            options["first_order"] = True
+        if self.msl_anneal_iterations and step is not None:
+            options["step_weights"] = msl_weights(step, options.get("inner_steps", 1), self.msl_anneal_iterations)
+        return options
+
+    def __call__(self, params: Params, batch: TaskBatch, step: int | None = None) -> Tensor:
+        return maml_loss(self.model, params, batch, **self.options_at(step))
+
+    def __repr__(self) -> str:
+        extra = {k: v for k, v in (("first_order_until", self.first_order_until),
+                                   ("msl_anneal_iterations", self.msl_anneal_iterations)) if v}
+        return f"MAMLObjective({type(self.model).__name__}, {self.options | extra})"
+
+
+def maml_objective(model: nn.Module, **options) -> MAMLObjective:
+    """``objective(params, batch)`` for :func:`metatut.meta_train`: :func:`maml_loss` with fixed options
+    (see :class:`MAMLObjective` for MAML++'s schedules)."""
+    return MAMLObjective(model, **options)
 
 
 def summed_loss_objective(model: nn.Module, **options) -> Callable[[Params, TaskBatch], Tensor]:
     """``objective(params, batch)`` for the joint-training baseline (:func:`summed_task_loss`)."""
     return partial(summed_task_loss, model, **options)
+
+
+def reptile_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr: float, inner_steps: int = 5,
+                 use: str = "both", loss_fn: LossFn = F.mse_loss, vectorize="auto") -> Tensor:
+    r"""A surrogate whose gradient is Reptile's update direction :math:`\theta - \frac{1}{T}\sum_t \theta'_t`.
+
+    Reptile (Nichol et al. 2018) runs ``inner_steps`` plain SGD steps on each task's data (``use``:
+    ``'support'`` or ``'both'``, support and query together), then moves θ towards the adapted
+    parameters. The surrogate :math:`\tfrac12\lVert\theta - \mathrm{sg}(\bar\theta')\rVert^2` has exactly that
+    gradient, so :func:`meta_train` with ``torch.optim.SGD(lr=ε)`` performs
+    :math:`\theta \leftarrow \theta + \varepsilon(\bar\theta' - \theta)`; with Adam it is Reptile with Adam.
+    """
+    _check_params(params)
+    _check_batch(batch)
+    check_positive_int("inner_steps", inner_steps)
+    if use == "both":
+        x = torch.cat([batch.support_x, batch.query_x], 1)
+        y = torch.cat([batch.support_y, batch.query_y], 1)
+    elif use == "support":
+        x, y = batch.support_x, batch.support_y
+    else:
+        raise ValueError(f"use must be 'support' or 'both' (got {use!r})")
+    detached = {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        adapted = adapt(model, detached, x, y, inner_lr=inner_lr, steps=inner_steps, first_order=True,
+                        loss_fn=loss_fn, vectorize=vectorize)
+    target = {k: v.detach().mean(0) for k, v in adapted.items()}
+    return 0.5 * sum(((params[k] - target[k]) ** 2).sum() for k in params)
+
+
+def reptile_objective(model: nn.Module, **options) -> Callable[[Params, TaskBatch], Tensor]:
+    """``objective(params, batch)`` for :func:`metatut.meta_train`: :func:`reptile_loss` with fixed options."""
+    _check_step_size("inner_lr", options.get("inner_lr"))
+    return partial(reptile_loss, model, **options)
 
 
 def meta_gradient(objective: Callable[[Params, TaskBatch], Tensor], params: Params,
@@ -251,31 +479,28 @@ def meta_gradient(objective: Callable[[Params, TaskBatch], Tensor], params: Para
 
 
 # --------------------------------------------------------------------------------------- evaluation
-def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr: float, steps: int,
-                     loss_fn: LossFn = F.mse_loss, vectorize="auto", chunk_size: int | None = None) -> Tensor:
+def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, steps: int,
+                     adapt_names=None, loss_fn: LossFn = F.mse_loss, vectorize="auto",
+                     chunk_size: int | None = None) -> Tensor:
     """Query loss of each task after 0, 1, ..., ``steps`` SGD steps on its support set.
 
     Returns a detached tensor ``[tasks, steps + 1]``. Used at test time: no meta-gradient is kept.
+    ``inner_lr`` and ``adapt_names`` are as in :func:`maml_loss` (e.g. ``'learned'`` for Meta-SGD).
     """
     _check_params(params)
     _check_batch(batch)
-    inner_lr = _check_step_size("inner_lr", inner_lr)
     check_positive_int("steps", steps, minimum=0)
-    base = {k: v.detach() for k, v in params.items()}
+    theta, rates = _resolve_inner_lr(inner_lr, {k: v.detach() for k, v in params.items()})
+    names = _check_adapt_names(theta, adapt_names)
 
-    def curve(p, sx, sy, qx, qy):
-        def support_loss(q):
-            return loss_fn(functional_call(model, q, (sx,)), sy)
-        out = [loss_fn(functional_call(model, p, (qx,)), qy)]
-        for _ in range(steps):
-            g = grad(support_loss)(p)
-            p = {k: p[k] - inner_lr * g[k] for k in p}
-            out.append(loss_fn(functional_call(model, p, (qx,)), qy))
-        return torch.stack(out)
+    def curve(p, sx, sy, qx, qy, functional):
+        path = _trajectory(model, p, sx, sy, rates=rates, steps=steps, first_order=True, adapt_names=names,
+                           loss_fn=loss_fn, functional=functional)
+        return torch.stack([loss_fn(functional_call(model, q, (qx,)), qy).detach() for q in path])
 
     with torch.no_grad():
         if _use_vmap(model, vectorize):
-            return vmap(curve, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)(
-                base, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        return torch.stack([curve(base, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t])
-                            for t in range(batch.num_tasks)])
+            return vmap(partial(curve, functional=True), in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)(
+                theta, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return torch.stack([curve(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t],
+                                  functional=False) for t in range(batch.num_tasks)])

@@ -79,7 +79,8 @@ def protonet_objective(model: nn.Module, n_way: int, **options) -> Callable[[Par
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of correct argmax predictions per task: ``logits [tasks, M, N]``, ``labels [tasks, M]`` -> ``[tasks]``."""
-    return (logits.argmax(dim=-1) == labels).to(torch.get_default_dtype()).mean(dim=-1)
+    dtype = logits.dtype if logits.is_floating_point() else torch.get_default_dtype()
+    return (logits.argmax(dim=-1) == labels).to(dtype).mean(dim=-1)
 
 
 @torch.no_grad()

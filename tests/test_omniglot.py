@@ -266,7 +266,7 @@ def fake_official(tmp_path, monkeypatch):
     monkeypatch.setitem(om.SETS, "background", (("images_background",), 3))
     behaviour = {"mode": "good", "calls": 0}
 
-    def fake_download_url(url, root, filename=None, md5=None):
+    def fake_download_url(url, root, filename):
         behaviour["calls"] += 1
         assert url == f"{om.URL_PREFIX}/images_background.zip"
         target = Path(root) / filename

@@ -47,7 +47,6 @@ from pathlib import Path, PurePosixPath
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.datasets.utils import check_integrity, download_url
 
 from ..budget import data_dir
 from ..checkpoint import atomic_save
@@ -154,6 +153,18 @@ def omniglot_dir(create: bool = True) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def download_url(url: str, root: str, filename: str) -> None:
+    """torchvision's ``download_url`` (imported on first use: importing torchvision takes seconds)."""
+    from torchvision.datasets.utils import download_url as torchvision_download_url
+    torchvision_download_url(url, root, filename=filename)
+
+
+def check_integrity(path: str, md5: str) -> bool:
+    """torchvision's ``check_integrity``: the file exists and has this MD5."""
+    from torchvision.datasets.utils import check_integrity as torchvision_check_integrity
+    return torchvision_check_integrity(path, md5)
 
 
 def _official(name: str) -> tuple[str, str]:
