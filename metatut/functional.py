@@ -309,7 +309,7 @@ def adapt(model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor
 def _check_step_weights(step_weights, steps: int):
     if step_weights is None:
         return None
-    w = torch.as_tensor(step_weights)
+    w = step_weights if isinstance(step_weights, Tensor) else torch.tensor(step_weights, dtype=torch.float64)
     if w.shape != (steps,):
         raise ValueError(f"step_weights must have one weight per inner step, shape ({steps},) "
                          f"(got {tuple(w.shape)})")

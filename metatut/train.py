@@ -39,7 +39,8 @@ class TrainResult:
 
 def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, steps: int,
                meta_lr: float = 1e-3, generator: torch.Generator | None = None,
-               optimizer: torch.optim.Optimizer | None = None, log_every: int = 100, desc: str = "meta-training",
+               optimizer: torch.optim.Optimizer | None = None, lr_schedule: str = "constant",
+               min_meta_lr: float = 0.0, log_every: int = 100, desc: str = "meta-training",
                progress_bar: bool | None = None, check: bool = True) -> TrainResult:
     """Minimise ``objective(params, batch)`` over task batches with Adam (in place on ``params``).
 
@@ -47,6 +48,10 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     the device (no host synchronisation per step) except every ``log_every`` steps for the progress bar.
     With ``check=True`` the run ends by checking its own sanity: finite losses, and a final loss no
     higher than the first (a warning otherwise).
+
+    ``lr_schedule='cosine'`` anneals the meta learning rate from ``meta_lr`` to ``min_meta_lr`` over
+    ``steps`` (MAML++). An objective with the attribute ``uses_step = True`` (e.g.
+    :class:`metatut.MAMLObjective`) is called as ``objective(params, batch, step=i)``.
     """
     _check_params(params)
     check_positive_int("steps", steps)
@@ -56,17 +61,26 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     leaves = list(params.values())
     if not all(p.is_leaf and p.requires_grad for p in leaves):
         raise ValueError("params must be leaf tensors with requires_grad=True (use metatut.init_params(model))")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
+    if not (isinstance(min_meta_lr, (int, float)) and 0 <= min_meta_lr <= meta_lr):
+        raise ValueError(f"min_meta_lr must be a number in [0, meta_lr={meta_lr}] (got {min_meta_lr!r})")
     if optimizer is None:
         optimizer = torch.optim.Adam(leaves, lr=meta_lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_meta_lr)
+                 if lr_schedule == "cosine" else None)
+    uses_step = bool(getattr(objective, "uses_step", False))
     device = leaves[0].device
     history = torch.empty(steps, device=device)
     bar = progress(range(steps), desc=desc, enabled=progress_bar)
     for step in bar:
         batch = sample_tasks(generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = objective(params, batch)
+        loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         history[step] = loss.detach()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             window = history[max(0, step + 1 - log_every): step + 1]
