@@ -15,18 +15,30 @@ FORMAT_VERSION = 1
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def _check_config(value, where: str = "config") -> None:
+def _check_config(value, where: str = "config", tensors: bool = False) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"{where} keys must be strings (got {k!r})")
-            _check_config(v, f"{where}[{k!r}]")
+            _check_config(v, f"{where}[{k!r}]", tensors)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_config(v, f"{where}[{i}]")
+            _check_config(v, f"{where}[{i}]", tensors)
+    elif tensors and isinstance(value, torch.Tensor):
+        return
     elif not isinstance(value, _PLAIN):
         raise TypeError(f"{where} must hold only str, int, float, bool, None, lists and dicts "
                         f"(got {type(value).__name__}), so that it loads with weights_only=True")
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
@@ -47,16 +59,22 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch.optim.Optimizer | None = None,
-                    config: dict | None = None, step: int = 0) -> Path:
-    """Save ``params`` (detached, on CPU), the optimiser's state, a plain-data ``config`` and ``step``."""
+                    config: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
+    """Save ``params`` (detached, on CPU), the optimiser's state, a plain-data ``config`` and ``step``.
+
+    ``extra`` holds anything else needed to resume exactly (tensors such as RNG states, plain data).
+    """
     config = dict(config or {})
     _check_config(config)
+    extra = _to_cpu(dict(extra or {}))
+    _check_config(extra, "extra", tensors=True)
     state = {
         "format_version": FORMAT_VERSION,
         "params": {k: v.detach().cpu().clone() for k, v in params.items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": config,
         "step": int(step),
+        "extra": extra,
         "torch_version": str(torch.__version__),
     }
     return atomic_save(state, path)
@@ -66,7 +84,7 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, optimizer: torch.op
                     requires_grad: bool = True) -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
-    Returns ``{'params', 'config', 'step', 'optimizer'}``; ``params`` are leaf tensors on ``device``.
+    Returns ``{'params', 'config', 'step', 'optimizer', 'extra'}``; ``params`` are leaf tensors on ``device``.
     When ``optimizer`` is given its state is restored (build it over the returned params first with
     ``load_checkpoint(path)['params']``, or pass one built over tensors of the same shapes).
     """
@@ -81,4 +99,5 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, optimizer: torch.op
         if state["optimizer"] is None:
             raise ValueError(f"{path} holds no optimizer state")
         optimizer.load_state_dict(state["optimizer"])
-    return {"params": params, "config": state["config"], "step": state["step"], "optimizer": state["optimizer"]}
+    return {"params": params, "config": state["config"], "step": state["step"], "optimizer": state["optimizer"],
+            "extra": state.get("extra") or {}}

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from .functional import LossFn, adaptation_curve
+from .functional import LossFn, adapt, adaptation_curve
 from .models import Params
 from .tasks.base import TaskBatch
 
-__all__ = ["Summary", "summarize", "evaluate_adaptation"]
+__all__ = ["Summary", "summarize", "evaluate_adaptation", "adapted_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def summarize(values: Tensor | Sequence[float]) -> Summary:
 
 
 def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, inner_lr: float,
-                        steps: Sequence[int] = (0, 1, 10), loss_fn: LossFn = F.mse_loss,
+                        steps: Sequence[int] = (0, 1, 10), adapt_names=None, loss_fn: LossFn = F.mse_loss,
                         vectorize="auto", chunk_size: int | None = None) -> dict[int, Summary]:
     """Fine-tune ``params`` on each held-out task's support set and score its query set.
 
@@ -55,6 +56,25 @@ def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, i
     steps = sorted({int(k) for k in steps})
     if not steps or steps[0] < 0:
         raise ValueError(f"steps must be a non-empty list of ints >= 0 (got {steps})")
-    curve = adaptation_curve(model, params, tasks, inner_lr=inner_lr, steps=steps[-1], loss_fn=loss_fn,
+    curve = adaptation_curve(model, params, tasks, inner_lr=inner_lr, steps=steps[-1], adapt_names=adapt_names,
+                             loss_fn=loss_fn,
                              vectorize=vectorize, chunk_size=chunk_size)
     return {k: summarize(curve[:, k]) for k in steps}
+
+
+def adapted_accuracy(model: nn.Module, params: Params, tasks: TaskBatch, *, inner_lr, steps: int,
+                     adapt_names=None, loss_fn: LossFn = F.cross_entropy, vectorize="auto") -> Tensor:
+    """Classification accuracy on each task's query set after ``steps`` SGD steps on its support set.
+
+    ``support_y``/``query_y`` hold class indices ``[tasks, shots]``. Returns ``[tasks]`` (detached).
+    """
+    detached = {k: v.detach() for k, v in params.items()}
+    adapted = adapt(model, detached, tasks.support_x, tasks.support_y, inner_lr=inner_lr, steps=steps,
+                    first_order=True, adapt_names=adapt_names, loss_fn=loss_fn, vectorize=vectorize)
+    with torch.no_grad():
+        correct = []
+        for t in range(tasks.num_tasks):
+            p = {k: v[t] for k, v in adapted.items()}
+            logits = functional_call(model, p, (tasks.query_x[t],))
+            correct.append((logits.argmax(-1) == tasks.query_y[t]).float().mean())
+    return torch.stack(correct)

@@ -14,7 +14,7 @@ from .models import Params
 from .progress import progress
 from .tasks.base import TaskBatch, check_positive_int
 
-__all__ = ["TrainResult", "meta_train"]
+__all__ = ["TrainResult", "StopTraining", "meta_train", "cosine_lr"]
 
 Objective = Callable[[Params, TaskBatch], Tensor]
 Sampler = Callable[[torch.Generator], TaskBatch]
@@ -27,7 +27,7 @@ class TrainResult:
     params: Params
     optimizer: torch.optim.Optimizer
     losses: Tensor  # [steps] meta-loss per iteration (CPU, float)
-    steps: int
+    steps: int  # the step count reached (start_step + iterations run)
     extra: dict = field(default_factory=dict)
 
     def smoothed(self, window: int = 100) -> Tensor:
@@ -37,10 +37,22 @@ class TrainResult:
         return torch.nn.functional.conv1d(self.losses.view(1, 1, -1), kernel.view(1, 1, -1)).view(-1)
 
 
+class StopTraining(Exception):
+    """Raise from an ``on_step`` hook to end :func:`meta_train` cleanly after the current step."""
+
+
+def cosine_lr(step: int, steps: int, max_lr: float, min_lr: float) -> float:
+    """Cosine annealing from ``max_lr`` (step 0) to ``min_lr`` (step ``steps``)."""
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, steps: int,
                meta_lr: float = 1e-3, generator: torch.Generator | None = None,
                optimizer: torch.optim.Optimizer | None = None, lr_schedule: str = "constant",
-               min_meta_lr: float = 0.0, log_every: int = 100, desc: str = "meta-training",
+               min_meta_lr: float = 0.0, start_step: int = 0,
+               on_step: Callable[[int, Tensor], None] | None = None,
+               after_backward: Callable[[Params], None] | None = None,
+               log_every: int = 100, desc: str = "meta-training",
                progress_bar: bool | None = None, check: bool = True) -> TrainResult:
     """Minimise ``objective(params, batch)`` over task batches with Adam (in place on ``params``).
 
@@ -52,43 +64,64 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     ``lr_schedule='cosine'`` anneals the meta learning rate from ``meta_lr`` to ``min_meta_lr`` over
     ``steps`` (MAML++). An objective with the attribute ``uses_step = True`` (e.g.
     :class:`metatut.MAMLObjective`) is called as ``objective(params, batch, step=i)``.
+
+    Resuming: iterations run from ``start_step`` to ``steps``; with the optimiser state and the
+    generator state restored, a resumed run ends exactly where an uninterrupted one does.
+    ``after_backward(params)`` runs between ``backward`` and the optimiser step (e.g. to all-reduce
+    gradients across processes); ``on_step(step, loss)`` runs after each step and may raise
+    :class:`StopTraining` to end the run after that step.
     """
     _check_params(params)
     check_positive_int("steps", steps)
     check_positive_int("log_every", log_every)
+    check_positive_int("start_step", start_step, minimum=0)
+    if start_step > steps:
+        raise ValueError(f"start_step must be in [0, steps={steps}] (got {start_step})")
     if not (isinstance(meta_lr, (int, float)) and meta_lr > 0 and math.isfinite(meta_lr)):
         raise ValueError(f"meta_lr must be a finite number > 0 (got {meta_lr!r})")
-    leaves = list(params.values())
-    if not all(p.is_leaf and p.requires_grad for p in leaves):
-        raise ValueError("params must be leaf tensors with requires_grad=True (use metatut.init_params(model))")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
     if not (isinstance(min_meta_lr, (int, float)) and 0 <= min_meta_lr <= meta_lr):
         raise ValueError(f"min_meta_lr must be a number in [0, meta_lr={meta_lr}] (got {min_meta_lr!r})")
+    leaves = list(params.values())
+    if not all(p.is_leaf and p.requires_grad for p in leaves):
+        raise ValueError("params must be leaf tensors with requires_grad=True (use metatut.init_params(model))")
     if optimizer is None:
         optimizer = torch.optim.Adam(leaves, lr=meta_lr)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_meta_lr)
-                 if lr_schedule == "cosine" else None)
     uses_step = bool(getattr(objective, "uses_step", False))
     device = leaves[0].device
-    history = torch.empty(steps, device=device)
-    bar = progress(range(steps), desc=desc, enabled=progress_bar)
+    history = torch.full((steps - start_step,), float("nan"), device=device)
+    done = start_step
+    bar = progress(range(start_step, steps), total=steps, initial=start_step, desc=desc, enabled=progress_bar)
     for step in bar:
+        if lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, steps, meta_lr, min_meta_lr)
         batch = sample_tasks(generator)
         optimizer.zero_grad(set_to_none=True)
         loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
         loss.backward()
+        if after_backward is not None:
+            after_backward(params)
         optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        history[step] = loss.detach()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            window = history[max(0, step + 1 - log_every): step + 1]
+        history[step - start_step] = loss.detach()
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            window = history[max(0, done - start_step - log_every): done - start_step]
             bar.set_postfix(loss=f"{window.mean().item():.4f}")
-    losses = history.float().cpu()
-    if check:
+        if on_step is not None:
+            try:
+                on_step(step, loss.detach())
+            except StopTraining:
+                break
+    bar.close()
+    if lr_schedule == "cosine" and done == steps:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(steps, steps, meta_lr, min_meta_lr)
+    losses = history[: done - start_step].float().cpu()
+    if check and len(losses):
         _sanity_check(losses, desc)
-    return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=steps)
+    return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=done)
 
 
 def _sanity_check(losses: Tensor, desc: str) -> None:
