@@ -17,11 +17,17 @@ Source format, a small subset of the "percent" format::
     # %%                   a code cell
     # %% tags=["check"]    a code cell with cell tags (a JSON list of strings)
 
+    # %% [markdown] tags=["student-only"]
+
 In code cells the lines between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` are the solution.
-Tags with a meaning here: ``check`` (calls a checker) and ``demo`` (uses the learner's function):
-both raise in the student copy, which therefore also tags them ``raises-exception`` (Jupyter's
-"Run All" goes on past them, nbval and nbclient expect the error). Leading and trailing blank lines
-of a cell are dropped.
+Tags with a meaning here:
+
+* ``check`` (calls a checker) and ``demo`` (uses the learner's function): both raise in the student
+  copy, which therefore also tags them ``raises-exception`` (Jupyter's "Run All" goes on past them;
+  nbval and nbclient expect the error);
+* ``student-only`` / ``solution-only``: the cell appears in that copy only (the tag is dropped).
+
+Leading and trailing blank lines of a cell are dropped.
 
 The output is deterministic: no outputs or execution counts, cell ids derived from the file name
 and the cell's index, sorted keys, one-space indentation, a final newline.
@@ -42,6 +48,7 @@ SOLUTIONS = HERE / "solutions"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 RAISING_TAGS = ("check", "demo")
+ONLY_TAGS = {"student-only": True, "solution-only": False}  # tag -> kept in the student copy?
 _HEADER = re.compile(r"^# %%(?P<markdown> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
 _GENERATED = re.compile(r"^\d\d_[A-Za-z0-9_]+\.ipynb$")
 
@@ -58,6 +65,7 @@ class Cell:
     lines: list[str]               # without newlines
     tags: list[str] = field(default_factory=list)
     line: int = 0                  # 1-based line of the cell's header in the source
+    numbers: list[int] = field(default_factory=list)  # source line number of each entry of `lines`
 
     @property
     def has_solution(self) -> bool:
@@ -92,13 +100,15 @@ def parse(path: Path) -> list[Cell]:
                 raise SourceError(f"{path}:{number}: markdown lines must start with '# ' (got {raw!r})")
             else:
                 cells[-1].lines.append("")
+            cells[-1].numbers.append(number)
         else:
             cells[-1].lines.append(raw)
+            cells[-1].numbers.append(number)
     for cell in cells:
         while cell.lines and not cell.lines[-1].strip():
-            cell.lines.pop()
+            del cell.lines[-1], cell.numbers[-1]
         while cell.lines and not cell.lines[0].strip():
-            cell.lines.pop(0)
+            del cell.lines[0], cell.numbers[0]
         _check_markers(path, cell)
     if not any(c.has_solution for c in cells):
         raise SourceError(f"{path}: no '{BEGIN}' region: an exercise needs at least one")
@@ -108,10 +118,12 @@ def parse(path: Path) -> list[Cell]:
 
 
 def _check_markers(path: Path, cell: Cell) -> None:
-    inside = False
-    for offset, line in enumerate(cell.lines, start=1):
+    inside, where = False, ""
+    for number, line in zip(cell.numbers, cell.lines):
         marker = line.strip()
-        where = f"{path}:{cell.line + offset}"
+        if marker not in (BEGIN, END):
+            continue
+        where = f"{path}:{number}"
         if marker in (BEGIN, END) and cell.kind != "code":
             raise SourceError(f"{where}: solution markers belong in code cells")
         if marker == BEGIN:
@@ -123,7 +135,7 @@ def _check_markers(path: Path, cell: Cell) -> None:
                 raise SourceError(f"{where}: '{END}' without '{BEGIN}'")
             inside = False
     if inside:
-        raise SourceError(f"{path}:{cell.line}: '{BEGIN}' without '{END}' in this cell")
+        raise SourceError(f"{where}: '{BEGIN}' without '{END}' in the same cell")
 
 
 def solution_lines(cell: Cell) -> list[str]:
@@ -153,7 +165,12 @@ def solution_code(path: Path, *, skip_tags: tuple[str, ...] = RAISING_TAGS) -> s
     Tests use it to import exactly the code that the solution notebook contains.
     """
     return "\n\n".join("\n".join(solution_lines(c)) for c in parse(path)
-                       if c.kind == "code" and not set(c.tags) & set(skip_tags)) + "\n"
+                       if c.kind == "code" and _in_copy(c, student=False)
+                       and not set(c.tags) & set(skip_tags)) + "\n"
+
+
+def _in_copy(cell: Cell, *, student: bool) -> bool:
+    return all(keep == student for tag, keep in ONLY_TAGS.items() if tag in cell.tags)
 
 
 def _source(lines: list[str]) -> list[str]:
@@ -165,11 +182,17 @@ def _cell_id(stem: str, index: int) -> str:
 
 
 def notebook(path: Path, *, student: bool) -> str:
-    """The notebook JSON text for one source (student or solution copy)."""
+    """The notebook JSON text for one source (student or solution copy).
+
+    Cell ids come from the file name and the cell's index in the source, so they are the same in
+    both copies and stable when a cell elsewhere changes.
+    """
     cells = []
     for index, cell in enumerate(parse(path)):
+        if not _in_copy(cell, student=student):
+            continue
         lines = student_lines(cell) if student else solution_lines(cell)
-        tags = list(cell.tags)
+        tags = [t for t in cell.tags if t not in ONLY_TAGS]
         if student and set(tags) & set(RAISING_TAGS) and "raises-exception" not in tags:
             tags.append("raises-exception")
         entry = {"cell_type": cell.kind, "id": _cell_id(path.stem, index),

@@ -168,7 +168,8 @@ def _expect_scalar_tensor(check: str, out, per_task_shape: tuple[int, ...], full
                            "a single number.")
     if out.dim() != 0:
         raise _fail(check, f"expected a 0-dim tensor (a scalar), got shape {tuple(out.shape)}.",
-                    "Hint: .mean() and .sum() without a dim return a 0-dim tensor; .squeeze() removes size-1 dims.")
+                    "Hint: .mean() and .sum() without a dim return a 0-dim tensor; "
+                    ".squeeze() removes size-1 dims.")
     if not out.is_floating_point():
         raise _fail(check, f"expected a floating-point tensor, got {out.dtype}.")
 
@@ -180,6 +181,10 @@ def _gradients(check: str, out: Tensor, params: Params, what: str) -> list[Tenso
                     "Hint: compute it from params with autograd on; no torch.no_grad(), .detach(), .item(), "
                     ".data or numpy on the way.")
     grads = torch.autograd.grad(out, list(params.values()), allow_unused=True)
+    if all(g is None for g in grads):
+        raise _fail(check, f"{what} does not depend on params: it was built from copies cut off from them.",
+                    "Hint: use the tensors in params directly; no .detach(), .clone().requires_grad_() "
+                    "or torch.tensor(...) re-wrapping.")
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
 
 
@@ -231,7 +236,8 @@ def check_summed_task_loss(fn: Callable) -> None:
                                                       "other way round (mean over shots, sum over tasks)."),
                     (r.abs().mean(dim=(1, 2)).sum(), "this looks like the absolute error: square the residual, "
                                                      "(f(params, x) - y) ** 2."),
-                    (mse.sqrt().sum(), "you took a square root: use each task's mean squared error, not its RMSE."),
+                    (mse.sqrt().sum(), "you took a square root: use each task's mean squared error, "
+                                       "not its RMSE."),
                     (r.mean(dim=(1, 2)).sum(), "you forgot to square the residual (f(params, x) - y)."),
                 ]
             hint = _first_match(out, candidates) or ("compute each task's mean squared error "
@@ -275,13 +281,14 @@ def check_inner_step(fn: Callable) -> None:
             raise _fail(check, f"expected a dict {{name: tensor}}, got {type(out).__name__}.",
                         "Hint: zip the names of params with the gradients: "
                         "{k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}.")
-        if list(out) != list(params):
+        if set(out) != set(params):
             raise _fail(check, f"expected the keys {list(params)}, got {list(out)}.",
-                        "Hint: keep the same names (and order) as params.")
+                        "Hint: keep the same names as params.")
+        out = {k: out[k] for k in params}
         for k, v in out.items():
             if not isinstance(v, Tensor) or v.shape != params[k].shape:
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise _fail(check, f"out[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, got {got}.")
+                raise _fail(check, f"theta'[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, got {got}.")
 
         reference = functional.inner_step(fx.model, params, x, y, lr, create_graph=create_graph)
         if not _close(_flat(out.values()), _flat(reference.values())):
@@ -368,7 +375,7 @@ def _maml_variant(f, params: Params, batch: TaskBatch, lr: float, *, adapt_on: s
 
 
 def check_maml_loss(fn: Callable) -> None:
-    r"""Check ``fn(f, params, batch, inner_lr)`` = :math:`\frac1T\sum_t L_{Q_t}(\theta - \alpha\nabla L_{S_t}(\theta))`.
+    r"""Check ``fn(f, params, batch, inner_lr)`` = :math:`\frac1T\sum_t L_{Q_t}(\theta-\alpha\nabla L_{S_t}(\theta))`.
 
     One inner SGD step per task on its support set (second order: the inner gradient stays in the
     graph), then the mean over tasks of the query MSE at the adapted parameters. The result must be a

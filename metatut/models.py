@@ -29,22 +29,21 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
     check_positive_int("in_features", in_features)
     check_positive_int("out_features", out_features)
     sizes = [in_features, *[check_positive_int("hidden width", h) for h in hidden], out_features]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    model = nn.Sequential(*layers)
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    # PyTorch's default nn.Linear scheme, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from `generator`.
-                    bound = 1.0 / layer.in_features ** 0.5
-                    layer.weight.uniform_(-bound, bound, generator=generator)
-                    layer.bias.uniform_(-bound, bound, generator=generator)
-    return model
+    def build() -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    if seed is None:
+        return build()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None (got {seed!r})")
+    with torch.random.fork_rng(devices=[]):  # PyTorch's default initialisation, without touching the global RNG
+        torch.manual_seed(seed)
+        return build()
 
 
 def init_params(model: nn.Module, *, device=None, dtype: torch.dtype | None = None) -> Params:

@@ -32,7 +32,8 @@ def _load_generator():
 
 def _solution(stem: str, name: str):
     namespace: dict = {}
-    exec(compile(_load_generator().solution_code(EXERCISES / "src" / f"{stem}.py"), f"<{stem}>", "exec"), namespace)
+    code = _load_generator().solution_code(EXERCISES / "src" / f"{stem}.py")
+    exec(compile(code, f"<solution {stem}>", "exec"), namespace)
     return namespace[name]
 
 
@@ -197,6 +198,11 @@ def _theta_detached(f, params, x, y, inner_lr, create_graph):
     return {k: p.detach() - inner_lr * g for (k, p), g in zip(params.items(), grads)}
 
 
+def _rewrapped(f, params, x, y, inner_lr, create_graph):
+    out = inner_step(f, params, x, y, inner_lr, create_graph)
+    return {k: v.detach().clone().requires_grad_() for k, v in out.items()}
+
+
 def _returns_list(f, params, x, y, inner_lr, create_graph):
     return list(inner_step(f, params, x, y, inner_lr, create_graph).values())
 
@@ -214,6 +220,7 @@ INNER_MISTAKES = {
     "detached when first order": (_detached_when_first_order, "must still depend on theta"),
     "theta detached": (_theta_detached, "first term theta is missing"),
     "returns a list": (_returns_list, "expected a dict"),
+    "re-wrapped leaves": (_rewrapped, "does not depend on params"),
 }
 
 

@@ -141,3 +141,11 @@ def test_data_dir_follows_environment(monkeypatch, tmp_path):
 def test_generator_checks_seed():
     with pytest.raises(TypeError, match="seed must be an int"):
         mt.make_generator(1.5)
+
+
+def test_seeded_mlp_is_reproducible_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = mt.mlp(seed=7), mt.mlp(seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a[0].weight, mt.mlp(seed=8)[0].weight)

@@ -1,11 +1,21 @@
 # %% [markdown]
 # # Exercise 1 · The summed task loss
+
+# %% [markdown] tags=["student-only"]
+# *Goes with course notebook [01_summed_task_loss](../notebooks/01_summed_task_loss.ipynb).*
 #
-# *Goes with course notebook 01.* Write the function in the cell marked `# YOUR CODE HERE`, run
-# that cell, then run the check cell below it: it tells you what is wrong, with a hint, or prints one
-# line starting with ✔. The worked solution is in
+# **How to.** Write the function in the cell marked `# YOUR CODE HERE`, run that cell, then run the
+# check cell below it: it names what is wrong, with a hint, or prints one line starting with ✔.
+# The worked solution is in
 # [`solutions/01_summed_task_loss.ipynb`](solutions/01_summed_task_loss.ipynb); try first.
+
+# %% [markdown] tags=["solution-only"]
+# *Goes with course notebook [01_summed_task_loss](../../notebooks/01_summed_task_loss.ipynb).*
 #
+# **Solution copy**, generated from `exercises/src/01_summed_task_loss.py`. The exercise itself is
+# [`../01_summed_task_loss.ipynb`](../01_summed_task_loss.ipynb).
+
+# %% [markdown]
 # The simplest way to learn from many tasks is to train one model on all of them at once, with no
 # adaptation. For tasks $t = 1, \dots, T$, each with $K$ examples $(x_{t,k}, y_{t,k})$, the
 # **summed task loss** is

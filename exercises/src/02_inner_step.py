@@ -1,10 +1,20 @@
 # %% [markdown]
 # # Exercise 2 · One inner step
+
+# %% [markdown] tags=["student-only"]
+# *Goes with course notebook [02_inner_loop](../notebooks/02_inner_loop.ipynb).*
 #
-# *Goes with course notebook 02.* Write the function in the cell marked `# YOUR CODE HERE`, run
-# that cell, then run the check cell below it. The worked solution is in
-# [`solutions/02_inner_step.ipynb`](solutions/02_inner_step.ipynb); try first.
+# **How to.** Write the function in the cell marked `# YOUR CODE HERE`, run that cell, then run the
+# check cell below it: it names what is wrong, with a hint, or prints one line starting with ✔.
+# The worked solution is in [`solutions/02_inner_step.ipynb`](solutions/02_inner_step.ipynb); try first.
+
+# %% [markdown] tags=["solution-only"]
+# *Goes with course notebook [02_inner_loop](../../notebooks/02_inner_loop.ipynb).*
 #
+# **Solution copy**, generated from `exercises/src/02_inner_step.py`. The exercise itself is
+# [`../02_inner_step.ipynb`](../02_inner_step.ipynb).
+
+# %% [markdown]
 # MAML adapts the meta-parameters $\theta$ to a task with one step of gradient descent on the task's
 # support set $S = \{(x_k, y_k)\}_{k=1}^{K}$:
 #

@@ -1,10 +1,20 @@
 # %% [markdown]
 # # Exercise 3 · The MAML loss
+
+# %% [markdown] tags=["student-only"]
+# *Goes with course notebook [03_maml_sinusoid](../notebooks/03_maml_sinusoid.ipynb).*
 #
-# *Goes with course notebook 03.* Write the function in the cell marked `# YOUR CODE HERE`, run
-# that cell, then run the check cell below it. The worked solution is in
-# [`solutions/03_maml_loss.ipynb`](solutions/03_maml_loss.ipynb); try first.
+# **How to.** Write the function in the cell marked `# YOUR CODE HERE`, run that cell, then run the
+# check cell below it: it names what is wrong, with a hint, or prints one line starting with ✔.
+# The worked solution is in [`solutions/03_maml_loss.ipynb`](solutions/03_maml_loss.ipynb); try first.
+
+# %% [markdown] tags=["solution-only"]
+# *Goes with course notebook [03_maml_sinusoid](../../notebooks/03_maml_sinusoid.ipynb).*
 #
+# **Solution copy**, generated from `exercises/src/03_maml_loss.py`. The exercise itself is
+# [`../03_maml_loss.ipynb`](../03_maml_loss.ipynb).
+
+# %% [markdown]
 # A meta-batch holds $T$ tasks, each with a support set $S_t$ (to adapt on) and a query set $Q_t$ (to
 # score the adapted model on). MAML (Finn et al., 2017) adapts to each task with one inner step and
 # minimises the query loss after adaptation:
@@ -68,9 +78,9 @@ check_maml_loss(maml_loss)
 # ## Try it: a short meta-training run
 #
 # Your loss drives Adam on the meta-parameters, as in the MAML paper's sinusoid experiment (inner
-# step 0.01, 25 tasks of 10 shots per meta-batch). The package's `mt.maml_loss` computes the same
-# value (and runs all tasks at once with `torch.func.vmap`). The number of meta-iterations follows the
-# budget profile (`mt.pick`): a few in CI, more on a laptop.
+# step 0.01, meta-batches of 25 tasks with 10 shots each). The package's `mt.maml_loss` computes the
+# same value (and runs all tasks at once with `torch.func.vmap`). The budget profile (`mt.pick`)
+# sets the size of the run: a token run in CI, a few hundred meta-iterations on a laptop.
 
 # %% tags=["demo"]
 model = mt.mlp(seed=0)
@@ -78,18 +88,23 @@ f = mt.functional_model(model)
 params = mt.init_params(model)
 tasks = mt.SinusoidTasks()
 generator = torch.Generator().manual_seed(0)
-optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+meta_batch = mt.pick(ci=5, laptop=25)
+iterations = mt.pick(ci=3, laptop=300)
 
-batch = tasks.sample(25, 10, generator=generator)
+batch = tasks.sample(meta_batch, 10, generator=generator)
 print(f"yours: {maml_loss(f, params, batch, 0.01).item():.4f}   "
       f"metatut: {mt.maml_loss(model, params, batch, inner_lr=0.01).item():.4f}")
 
-iterations = mt.pick(ci=5, laptop=300, gpu=300)
+optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+window = []  # meta-losses since the last print (one batch is noisy: print their mean)
 for step in range(1, iterations + 1):
-    batch = tasks.sample(25, 10, generator=generator)
+    batch = tasks.sample(meta_batch, 10, generator=generator)
     loss = maml_loss(f, params, batch, inner_lr=0.01)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    if step == 1 or step % 50 == 0 or step == iterations:
-        print(f"meta-iteration {step:4d}: meta-loss {loss.item():.3f}")
+    window.append(loss.item())
+    if step % 50 == 0 or step == iterations:
+        first = step - len(window) + 1
+        print(f"meta-iterations {first:3d}-{step:3d}: mean meta-loss {sum(window) / len(window):.3f}")
+        window = []
