@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +28,7 @@ from .tasks.regression import SinusoidTasks
 
 __all__ = [
     "AMPLITUDE_RANGE", "PHASE_RANGE", "SHOTS_RANGE", "STEPS_RANGE", "INNER_LR_RANGE", "X_RANGE",
-    "AdaptationData", "adaptation_data", "adaptation_figure", "adaptation_explorer",
+    "AdaptationData", "adaptation_data", "draw_adaptation", "adaptation_figure", "adaptation_explorer",
 ]
 
 #: Allowed values of each setting (inclusive). The sinusoid training tasks use A in [0.1, 5] and
@@ -167,7 +168,7 @@ def adaptation_data(model: nn.Module, params: Params, amplitude: float, phase: f
 def draw_adaptation(data: AdaptationData, *, label: str | None = None, axes=None):
     """Draw ``data`` on two Axes (fit | loss after each step); return the Figure."""
     if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     fit_ax, curve_ax = axes
     fig = fit_ax.figure
     fit_ax.plot(data.grid_x, data.true_y, color="0.5", ls="--", lw=1.5, label="true function")
@@ -179,7 +180,7 @@ def draw_adaptation(data: AdaptationData, *, label: str | None = None, axes=None
     fit_ax.set_ylabel("y")
     limit = max(1.0, 1.3 * data.amplitude)
     fit_ax.set_ylim(-limit, limit)
-    fit_ax.legend(loc="upper right", fontsize=8)
+    fit_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
     title = (f"A={data.amplitude:.2f}, φ={data.phase:.2f}, α={data.inner_lr:g}: "
              f"MSE {data.loss_before:.3f} → {data.loss_after:.3f}")
     fit_ax.set_title(f"{label}: {title}" if label else title, fontsize=10)
@@ -187,6 +188,7 @@ def draw_adaptation(data: AdaptationData, *, label: str | None = None, axes=None
     curve_ax.set_xlabel("SGD steps on the support set")
     curve_ax.set_ylabel("MSE to true function")
     curve_ax.set_ylim(bottom=0)
+    curve_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
