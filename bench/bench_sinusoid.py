@@ -169,7 +169,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = mt.pick_device(args.device)
+    try:
+        device = mt.pick_device(args.device)
+    except (RuntimeError, ValueError) as error:
+        print(f"bench_sinusoid.py: {error}", file=sys.stderr)
+        return 2
     dtype = DTYPES[args.dtype]
 
     model = mt.mlp(seed=args.seed).to(device=device, dtype=dtype)
