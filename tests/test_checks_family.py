@@ -1,0 +1,187 @@
+"""The checkers of exercise 04 (metatut.checks_family): the solution passes; a stub and typical mistakes fail.
+
+The reference solutions are the code cells of the solution notebooks, taken from the exercise sources with
+the generator's own parser (exercises/generate.py), as in tests/test_checks.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metatut import checks_family
+from metatut.checks import CheckFailed
+from metatut.checks_family import check_meta_sgd_inner_step, check_reptile_update
+
+EXERCISES = Path(__file__).resolve().parent.parent / "exercises"
+
+
+def _solution(stem: str, name: str):
+    spec = importlib.util.spec_from_file_location("exercises_generate", EXERCISES / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen  # dataclasses look the module up while the class is built
+    spec.loader.exec_module(gen)
+    namespace: dict = {}
+    exec(compile(gen.solution_code(EXERCISES / "src" / f"{stem}.py"), f"<{stem}>", "exec"), namespace)
+    return namespace[name]
+
+
+reptile_update = _solution("04_reptile_update", "reptile_update")
+meta_sgd_inner_step = _solution("04_meta_sgd_inner_step", "meta_sgd_inner_step")
+
+CHECKERS = {
+    "check_reptile_update": (check_reptile_update, reptile_update),
+    "check_meta_sgd_inner_step": (check_meta_sgd_inner_step, meta_sgd_inner_step),
+}
+
+
+def _stub(*args):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def _fails_with(check, fn, phrase: str) -> str:
+    with pytest.raises(CheckFailed) as info:
+        check(fn)
+    message = str(info.value)
+    assert phrase.lower() in message.lower(), message
+    assert message.startswith(f"{check.__name__} failed: "), message
+    return message
+
+
+# ------------------------------------------------------------------------------------------- general
+def test_exports():
+    assert set(checks_family.__all__) == {"CheckFailed", "check_reptile_update", "check_meta_sgd_inner_step"}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_reference_passes_with_one_line(name, capsys):
+    check, solution = CHECKERS[name]
+    assert check(solution) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"✔ {name} passed: "), out
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_stub_fails(name):
+    check, _ = CHECKERS[name]
+    message = _fails_with(check, _stub, "implement the function first")
+    assert "NotImplementedError" in message
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_other_exceptions_become_check_failed_with_the_cause(name):
+    def broken(*args):
+        raise KeyError("weight")
+    check, _ = CHECKERS[name]
+    with pytest.raises(CheckFailed, match="raised KeyError") as info:
+        check(broken)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_fast_and_leaves_global_state_alone(name, capsys):
+    check, solution = CHECKERS[name]
+    check(solution)  # warm up
+    rng, grad_mode = torch.get_rng_state(), torch.is_grad_enabled()
+    start = time.perf_counter()
+    check(solution)
+    assert time.perf_counter() - start < 1.0
+    assert torch.equal(torch.get_rng_state(), rng) and torch.is_grad_enabled() == grad_mode
+
+
+# ------------------------------------------------------------------------------------- Reptile update
+def _mean(adapted, k):
+    return adapted[k].mean(0)
+
+
+def _in_place(params, adapted, epsilon):
+    for k, p in params.items():
+        p += epsilon * (adapted[k].mean(0) - p)
+    return dict(params)
+
+
+REPTILE_MISTAKES = {
+    "wrong direction (theta - theta')": (lambda p, a, e: {k: v - e * (_mean(a, k) - v) for k, v in p.items()},
+                                         "wrong direction"),
+    "sum over tasks": (lambda p, a, e: {k: v + e * (a[k].sum(0) - v) for k, v in p.items()}, "average them"),
+    "summed differences": (lambda p, a, e: {k: v + e * (a[k] - v).sum(0) for k, v in p.items()},
+                           "4x too large"),
+    "forgot epsilon": (lambda p, a, e: {k: v + (_mean(a, k) - v) for k, v in p.items()}, "forgot epsilon"),
+    "returns the mean": (lambda p, a, e: {k: _mean(a, k) for k in p}, "fraction epsilon of the way"),
+    "returns the step": (lambda p, a, e: {k: e * (_mean(a, k) - v) for k, v in p.items()}, "add it to theta"),
+    "last task only": (lambda p, a, e: {k: v + e * (a[k][-1] - v) for k, v in p.items()}, "last task"),
+    "no task average": (lambda p, a, e: {k: v + e * (a[k] - v) for k, v in p.items()}, "one per task"),
+    "in place": (_in_place, "modified params['0.weight'] in place"),
+    "returns a list": (lambda p, a, e: list(reptile_update(p, a, e).values()), "expected a dict"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(REPTILE_MISTAKES))
+def test_reptile_update_mistakes(mistake):
+    fn, phrase = REPTILE_MISTAKES[mistake]
+    _fails_with(check_reptile_update, fn, phrase)
+
+
+def test_reptile_update_mutating_adapted_fails():
+    def mutates(params, adapted, epsilon):
+        out = reptile_update(params, adapted, epsilon)
+        adapted["0.bias"].zero_()
+        return out
+    _fails_with(check_reptile_update, mutates, "modified adapted['0.bias'] in place")
+
+
+# ----------------------------------------------------------------------------- Meta-SGD inner step
+def _grads(f, params, x, y, create_graph=True):
+    loss = F.mse_loss(f(params, x), y)
+    return torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+
+
+def _step(f, params, alphas, x, y, *, sign=-1.0, rate=None, create_graph=True, detach_alpha=False,
+          detach_theta=False):
+    out = {}
+    for (k, p), g in zip(params.items(), _grads(f, params, x, y, create_graph)):
+        a = alphas[k] if rate is None else rate(alphas[k])
+        a = a.detach() if detach_alpha else a
+        out[k] = (p.detach() if detach_theta else p) + sign * a * g
+    return out
+
+
+META_SGD_MISTAKES = {
+    "wrong sign": (lambda f, p, a, x, y: _step(f, p, a, x, y, sign=1.0), "wrong sign"),
+    "one step size per tensor": (lambda f, p, a, x, y: _step(f, p, a, x, y, rate=lambda t: t.mean()),
+                                 "one step size per tensor"),
+    "one scalar step size": (lambda f, p, a, x, y: _step(f, p, {k: torch.tensor(0.1, dtype=torch.float64)
+                                                                for k in a}, x, y),
+                             "theta' is wrong"),
+    "alpha detached": (lambda f, p, a, x, y: _step(f, p, a, x, y, detach_alpha=True), "no gradient reaches alphas"),
+    "alpha rebuilt from its data": (lambda f, p, a, x, y: _step(f, p, a, x, y, rate=lambda t: torch.tensor(t.tolist())),
+                                    "no gradient reaches alphas"),
+    "first order (create_graph=False)": (lambda f, p, a, x, y: _step(f, p, a, x, y, create_graph=False),
+                                         "create_graph=True"),
+    "theta detached": (lambda f, p, a, x, y: _step(f, p, a, x, y, detach_theta=True), "first term theta"),
+    "no step size": (lambda f, p, a, x, y: _step(f, p, a, x, y, rate=lambda t: torch.ones_like(t)),
+                     "forgot to multiply"),
+    "fully detached": (lambda f, p, a, x, y: {k: v.detach() for k, v in _step(f, p, a, x, y).items()},
+                       "not connected"),
+    "assigns into params": (lambda f, p, a, x, y: p.update(_step(f, p, a, x, y)) or p, "replaced params"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(META_SGD_MISTAKES))
+def test_meta_sgd_inner_step_mistakes(mistake):
+    fn, phrase = META_SGD_MISTAKES[mistake]
+    _fails_with(check_meta_sgd_inner_step, fn, phrase)
+
+
+def test_meta_sgd_scalar_step_size_is_recognised():
+    def scalar(f, params, alphas, x, y):
+        flat = torch.cat([v.reshape(-1) for v in alphas.values()]).mean()
+        return _step(f, params, {k: flat for k in alphas}, x, y)
+    message = _fails_with(check_meta_sgd_inner_step, scalar, "one scalar step size")
+    assert "elementwise" in message
