@@ -42,10 +42,14 @@ case "${1:-}" in
         setup
         export METATUT_FAST=1                      # the 'ci' budget profile: small, fast runs
         export METATUT_DATA="${METATUT_DATA:-$PWD/data}"
+        # Tiny models gain nothing from intra-op threads, and threads oversubscribe the cores when
+        # several test processes run: one thread per process, one process per core.
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+        workers="${METATUT_TEST_WORKERS:-$(python3 -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')}"
         echo "==> exercise notebooks are generated from their sources and up to date"
         "$PYTHON" exercises/generate.py --check
         echo "==> unit tests, notebooks (nbval) and exercise solutions (nbval)"
-        exec "$PYTHON" -m pytest tests notebooks exercises/solutions \
+        exec "$PYTHON" -m pytest tests notebooks exercises/solutions -n "$workers" --dist loadfile \
             --nbval-lax --nbval-current-env -p no:cacheprovider "$@"
         ;;
     *)

@@ -442,3 +442,10 @@ def check_maml_loss(fn: Callable) -> None:
                             f"Hint: {hint}")
     print(f"✔ {check} passed: value and second-order meta-gradient match metatut.maml_loss "
           f"on {len(shapes)} task batches.")
+
+
+# The checkers of later notebooks live in their own modules (which reuse the fixtures above); they are
+# re-exported here so that every exercise can be checked with ``metatut.checks.check_...``.
+from .checks_family import check_meta_sgd_inner_step, check_reptile_update  # noqa: E402
+
+__all__ += ["check_reptile_update", "check_meta_sgd_inner_step"]
