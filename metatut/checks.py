@@ -447,5 +447,6 @@ def check_maml_loss(fn: Callable) -> None:
 # The checkers of later notebooks live in their own modules (which reuse the fixtures above); they are
 # re-exported here so that every exercise can be checked with ``metatut.checks.check_...``.
 from .checks_family import check_meta_sgd_inner_step, check_reptile_update  # noqa: E402
+from .checks_fewshot import check_episode_sampler, check_protonet_logits  # noqa: E402
 
-__all__ += ["check_reptile_update", "check_meta_sgd_inner_step"]
+__all__ += ["check_reptile_update", "check_meta_sgd_inner_step", "check_episode_sampler", "check_protonet_logits"]

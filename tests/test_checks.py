@@ -64,7 +64,10 @@ def _fails_with(check, fn, phrase: str) -> str:
 
 # ------------------------------------------------------------------------------------------- general
 def test_exports():
-    assert set(checks.__all__) == {"CheckFailed", "check_summed_task_loss", "check_inner_step", "check_maml_loss"}
+    assert set(checks.__all__) == {"CheckFailed", "check_summed_task_loss", "check_inner_step", "check_maml_loss",
+                                   "check_reptile_update", "check_meta_sgd_inner_step", "check_episode_sampler",
+                                   "check_protonet_logits"}
+    assert all(callable(getattr(checks, name)) for name in checks.__all__)
     assert issubclass(CheckFailed, AssertionError)
 
 
