@@ -444,9 +444,19 @@ def check_maml_loss(fn: Callable) -> None:
           f"on {len(shapes)} task batches.")
 
 
-# The checkers of later notebooks live in their own modules (which reuse the fixtures above); they are
-# re-exported here so that every exercise can be checked with ``metatut.checks.check_...``.
-from .checks_family import check_meta_sgd_inner_step, check_reptile_update  # noqa: E402
-from .checks_fewshot import check_episode_sampler, check_protonet_logits  # noqa: E402
+# The checkers of later notebooks live in their own modules (which import the fixtures above); they are
+# re-exported here lazily, so that ``metatut.checks.check_...`` reaches every checker without an import cycle.
+_LATER_CHECKERS = {
+    "check_reptile_update": "checks_family",
+    "check_meta_sgd_inner_step": "checks_family",
+    "check_episode_sampler": "checks_fewshot",
+    "check_protonet_logits": "checks_fewshot",
+}
+__all__ += list(_LATER_CHECKERS)
 
-__all__ += ["check_reptile_update", "check_meta_sgd_inner_step", "check_episode_sampler", "check_protonet_logits"]
+
+def __getattr__(name: str):
+    if name in _LATER_CHECKERS:
+        import importlib
+        return getattr(importlib.import_module(f".{_LATER_CHECKERS[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
