@@ -34,8 +34,12 @@ case "${1:-}" in
     lab)
         shift
         setup
+        extra=()
+        if [ "$(id -u)" = "0" ]; then
+            extra+=(--allow-root)   # containers often run as root; JupyterLab refuses that otherwise
+        fi
         exec "$VENV/bin/jupyter" lab --ServerApp.root_dir="$PWD" \
-            --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb "$@"
+            --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb "${extra[@]}" "$@"
         ;;
     test)
         shift
