@@ -90,8 +90,8 @@ def _error_hint(err: Exception) -> str:
     return "Hint: read the traceback above; the checker called your function with valid inputs."
 
 
-def _call(check: str, fn: Callable, *args):
-    """Call the learner's function; turn its exceptions into CheckFailed with a hint."""
+def _call(check: str, fn: Callable, *args, hint: Callable[[Exception], str] = _error_hint):
+    """Call the learner's function; turn its exceptions into CheckFailed with ``hint(err)``."""
     try:
         return fn(*args)
     except NotImplementedError:
@@ -101,7 +101,7 @@ def _call(check: str, fn: Callable, *args):
     except CheckFailed:
         raise
     except Exception as err:  # the learner's bug: show it, with a hint
-        raise _fail(check, f"your function raised {type(err).__name__}: {err}", _error_hint(err)) from err
+        raise _fail(check, f"your function raised {type(err).__name__}: {err}", hint(err)) from err
 
 
 def _snapshot(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:

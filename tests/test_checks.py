@@ -6,10 +6,7 @@ that exercises/solutions/*.ipynb contains.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,23 +15,9 @@ import torch.nn.functional as F
 import metatut as mt
 from metatut import checks
 from metatut.checks import CheckFailed, check_inner_step, check_maml_loss, check_summed_task_loss
-
-EXERCISES = Path(__file__).resolve().parent.parent / "exercises"
-
-
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("exercises_generate", EXERCISES / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def _solution(stem: str, name: str):
-    namespace: dict = {}
-    code = _load_generator().solution_code(EXERCISES / "src" / f"{stem}.py")
-    exec(compile(code, f"<solution {stem}>", "exec"), namespace)
-    return namespace[name]
+from exercise_support import fails_with as _fails_with
+from exercise_support import solution as _solution
+from exercise_support import stub as _stub
 
 
 summed_task_loss = _solution("01_summed_task_loss", "summed_task_loss")
@@ -46,20 +29,15 @@ CHECKERS = {
     "check_inner_step": (check_inner_step, inner_step),
     "check_maml_loss": (check_maml_loss, maml_loss),
 }
-
-
-def _stub(*args):
-    # YOUR CODE HERE
-    raise NotImplementedError()
-
-
-def _fails_with(check, fn, phrase: str) -> str:
-    with pytest.raises(CheckFailed) as info:
-        check(fn)
-    message = str(info.value)
-    assert phrase.lower() in message.lower(), message
-    assert message.startswith(f"{check.__name__} failed: "), message
-    return message
+# Every checker of the course, for the tests that hold for all of them.
+ALL_CHECKERS = {
+    **CHECKERS,
+    "check_reptile_update": (checks.check_reptile_update, _solution("04_reptile_update", "reptile_update")),
+    "check_meta_sgd_inner_step": (checks.check_meta_sgd_inner_step,
+                                  _solution("04_meta_sgd_inner_step", "meta_sgd_inner_step")),
+    "check_episode_sampler": (checks.check_episode_sampler, _solution("05_episode_sampling", "sample_episode")),
+    "check_protonet_logits": (checks.check_protonet_logits, _solution("06_protonet_logits", "protonet_logits")),
+}
 
 
 # ------------------------------------------------------------------------------------------- general
@@ -71,34 +49,34 @@ def test_exports():
     assert issubclass(CheckFailed, AssertionError)
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
+@pytest.mark.parametrize("name", sorted(ALL_CHECKERS))
 def test_reference_passes_with_one_line(name, capsys):
-    check, solution = CHECKERS[name]
+    check, solution = ALL_CHECKERS[name]
     assert check(solution) is None
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith(f"✔ {name} passed: "), out
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
+@pytest.mark.parametrize("name", sorted(ALL_CHECKERS))
 def test_stub_fails(name):
-    check, _ = CHECKERS[name]
+    check, _ = ALL_CHECKERS[name]
     message = _fails_with(check, _stub, "implement the function first")
     assert "NotImplementedError" in message
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
+@pytest.mark.parametrize("name", sorted(ALL_CHECKERS))
 def test_other_exceptions_become_check_failed_with_the_cause(name):
     def broken(*args):
         raise KeyError("weight")
-    check, _ = CHECKERS[name]
+    check, _ = ALL_CHECKERS[name]
     with pytest.raises(CheckFailed, match="raised KeyError") as info:
         check(broken)
     assert isinstance(info.value.__cause__, KeyError)
 
 
-@pytest.mark.parametrize("name", sorted(CHECKERS))
+@pytest.mark.parametrize("name", sorted(ALL_CHECKERS))
 def test_fast_and_leaves_global_state_alone(name, capsys):
-    check, solution = CHECKERS[name]
+    check, solution = ALL_CHECKERS[name]
     check(solution)  # warm up
     rng, grad_mode = torch.get_rng_state(), torch.is_grad_enabled()
     start = time.perf_counter()

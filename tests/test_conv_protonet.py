@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("METATUT_SHARED_OMNIGLOT", REPO.parent / "shared" / "data" / "omniglot"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny convolutions run faster on one thread than fighting for two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_images(classes=8, per_class=20, seed=0) -> torch.Tensor:

@@ -41,13 +41,7 @@ needs_shared = pytest.mark.skipif(not all((SHARED / f).is_file() for f in DATA_F
                                   reason=f"the offline Omniglot copy is not at {SHARED} (set METATUT_SHARED_OMNIGLOT)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Recorded with one thread; tiny convolutions are also fastest that way on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
