@@ -26,6 +26,9 @@ from .functional import (
     maml_objective,
     meta_gradient,
     msl_weights,
+    batch_norm_names,
+    per_step_buffers,
+    per_step_params,
     per_task_losses,
     reptile_loss,
     reptile_objective,
@@ -59,7 +62,7 @@ __all__ = [
     "meta_train", "adapted_accuracy", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
     "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
     "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
-    "final_layer_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
+    "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
     "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
     "protonet_predictor", "accuracy", "embed_episodes",
 ]

@@ -38,7 +38,8 @@ __all__ = [
     "LossFn", "VMAP_VERIFIED_LAYERS", "LEARNED_LR_PREFIX", "can_vectorize", "task_loss", "per_task_losses",
     "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective", "MAMLObjective", "msl_weights",
     "summed_loss_objective", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
-    "final_layer_names", "meta_gradient", "adaptation_curve",
+    "final_layer_names", "meta_gradient", "adaptation_curve", "PER_STEP_PREFIX", "per_step_params",
+    "per_step_buffers", "batch_norm_names",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -217,17 +218,94 @@ def final_layer_names(model: nn.Module) -> list[str]:
     return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
 
 
+#: Keys of per-step parameters inside a parameter dict: ``per_step.<k>.<name>`` is the value of parameter
+#: ``name`` while the model is evaluated at inner step ``k`` (MAML++'s per-step batch-norm weights and biases).
+PER_STEP_PREFIX = "per_step."
+
+
+def batch_norm_names(model: nn.Module, *, buffers: bool = False) -> list[str]:
+    """Names of the batch-norm layers' weights and biases (``buffers=True``: their running statistics)."""
+    out = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            tensors = module.named_buffers(recurse=False) if buffers else module.named_parameters(recurse=False)
+            out += [f"{prefix}.{n}" if prefix else n for n, t in tensors if t is not None]
+    return out
+
+
+def per_step_params(params: Params, names, steps: int) -> Params:
+    """Learnable per-step copies of ``params[name]`` for each name: one for each of the model's evaluations
+    at inner steps ``0..steps`` (MAML++'s per-step batch-norm weights and biases, "BNWB", Antoniou et al.
+    2019, sec. 4). Returns ``{'per_step.<k>.<name>': tensor}``; merge it into the parameter dict. The
+    copies replace ``params[name]`` everywhere in :func:`maml_loss`, are meta-learned, and are not adapted
+    in the inner loop.
+    """
+    _check_params(params)
+    check_positive_int("steps", steps, minimum=0)
+    names = list(names)
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise ValueError(f"names must be a non-empty subset of the parameter names (unknown: {unknown})")
+    return {f"{PER_STEP_PREFIX}{k}.{n}": params[n].detach().clone().requires_grad_(True)
+            for k in range(steps + 1) for n in names}
+
+
+def per_step_buffers(model: nn.Module, steps: int) -> dict[int, Params]:
+    """Per-step copies of the model's batch-norm running statistics (MAML++'s "BNRS"): ``{k: {name: tensor}}``
+    for inner steps ``0..steps``. Pass them as ``buffers=`` to :func:`maml_loss` (in training mode each
+    step's forward pass updates its own copy) and to :func:`adaptation_curve` (in ``model.eval()`` mode
+    each step normalises with its own statistics). Needs batch norm with running statistics, e.g.
+    ``conv4(..., batch_norm='running')``.
+    """
+    check_positive_int("steps", steps, minimum=0)
+    names = batch_norm_names(model, buffers=True)
+    if not names:
+        raise ValueError("the model has no batch-norm running statistics (use batch_norm='running')")
+    current = dict(model.named_buffers())
+    return {k: {n: current[n].detach().clone() for n in names} for k in range(steps + 1)}
+
+
+def _step_overrides(theta: Params, steps: int, buffers) -> tuple[Params, list[Params] | None]:
+    """Split per-step parameters off ``theta`` and combine them with per-step ``buffers`` into one dict of
+    replacements for each of the evaluations at inner steps ``0..steps``."""
+    per_step = {k: v for k, v in theta.items() if k.startswith(PER_STEP_PREFIX)}
+    if not per_step and not buffers:
+        return theta, None
+    overrides: list[Params] = [{} for _ in range(steps + 1)]
+    replaced = set()
+    for key, value in per_step.items():
+        index, _, name = key[len(PER_STEP_PREFIX):].partition(".")
+        if not index.isdigit() or int(index) > steps:
+            raise ValueError(f"per-step parameter {key!r} does not name an inner step in 0..{steps}")
+        overrides[int(index)][name] = value
+        replaced.add(name)
+    for k in range(steps + 1):
+        missing = replaced - set(overrides[k])
+        if missing:
+            raise ValueError(f"per-step parameters for inner step {k} are missing: {sorted(missing)} "
+                             f"(make them with per_step_params(params, names, steps={steps}))")
+    if buffers:
+        if not isinstance(buffers, dict) or set(buffers) != set(range(steps + 1)):
+            raise ValueError(f"buffers must map each inner step 0..{steps} to a dict of tensors "
+                             "(metatut.per_step_buffers(model, steps))")
+        for k in range(steps + 1):
+            overrides[k].update(buffers[k])
+    theta = {k: v for k, v in theta.items() if k not in per_step and k not in replaced}
+    return theta, overrides
+
+
 # -------------------------------------------------------------------------------------- inner loop
 def _sgd_step(model, params: Params, x, y, *, rates, step: int, first_order: bool, adapt_names, loss_fn,
-              functional: bool) -> Params:
+              functional: bool, fixed: Params | None = None) -> Params:
     """theta_{k+1} = theta_k - rate * grad L_S(theta_k) on the parameters in ``adapt_names``.
 
     ``functional=True`` uses ``torch.func.grad`` (runs under ``vmap``); ``False`` uses
     ``torch.autograd.grad`` with ``create_graph=not first_order`` (the per-task reference).
     """
+    fixed = fixed or {}
     if functional:
         def support_loss(sub):
-            return loss_fn(functional_call(model, {**params, **sub}, (x,)), y)
+            return loss_fn(functional_call(model, {**params, **fixed, **sub}, (x,)), y)
         grads = grad(support_loss)({n: params[n] for n in adapt_names})
         if first_order:
             grads = {n: g.detach() for n, g in grads.items()}
@@ -235,7 +313,7 @@ def _sgd_step(model, params: Params, x, y, *, rates, step: int, first_order: boo
         with torch.enable_grad():
             inputs = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_()
                       for n in adapt_names}
-            loss = loss_fn(functional_call(model, {**params, **inputs}, (x,)), y)
+            loss = loss_fn(functional_call(model, {**params, **fixed, **inputs}, (x,)), y)
             grads = dict(zip(adapt_names, torch.autograd.grad(loss, list(inputs.values()),
                                                               create_graph=not first_order)))
             params = {**params, **inputs}
@@ -246,23 +324,24 @@ def _sgd_step(model, params: Params, x, y, *, rates, step: int, first_order: boo
 
 
 def _trajectory(model, params, x, y, *, rates, steps, first_order, adapt_names, loss_fn, functional,
-                checkpoint_steps=False) -> list[Params]:
-    """[theta_0, theta_1, ..., theta_steps] for one task."""
+                checkpoint_steps=False, overrides=None) -> list[Params]:
+    """[theta_0, theta_1, ..., theta_steps] for one task; ``overrides[k]`` replaces tensors at step ``k``."""
     path = [params]
     for k in range(steps):
+        fixed = overrides[k] if overrides else None
         if checkpoint_steps and not functional:
             names = list(params)
 
             def step_fn(*tensors, _k=k):
                 out = _sgd_step(model, dict(zip(names, tensors)), x, y, rates=rates, step=_k, first_order=first_order,
-                                adapt_names=adapt_names, loss_fn=loss_fn, functional=False)
+                                adapt_names=adapt_names, loss_fn=loss_fn, functional=False, fixed=fixed)
                 return tuple(out[n] for n in names)
 
             params = dict(zip(names, torch.utils.checkpoint.checkpoint(step_fn, *params.values(),
                                                                        use_reentrant=False)))
         else:
             params = _sgd_step(model, params, x, y, rates=rates, step=k, first_order=first_order,
-                               adapt_names=adapt_names, loss_fn=loss_fn, functional=functional)
+                               adapt_names=adapt_names, loss_fn=loss_fn, functional=functional, fixed=fixed)
         path.append(params)
     return path
 
@@ -282,21 +361,25 @@ def inner_step(model: nn.Module, params: Params, x: Tensor, y: Tensor, inner_lr:
 
 
 def adapt(model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, *, inner_lr, steps: int = 1,
-          first_order: bool = False, adapt_names=None, loss_fn: LossFn = F.mse_loss, vectorize="auto") -> Params:
+          first_order: bool = False, adapt_names=None, buffers=None, loss_fn: LossFn = F.mse_loss,
+          vectorize="auto") -> Params:
     """Adapt ``params`` to each task with ``steps`` SGD steps of size ``inner_lr`` on its support set.
 
     ``support_x [tasks, shots, ...]``, ``support_y [tasks, shots, ...]``. Returns a dict whose tensors
     have a leading task dimension: ``{name: [tasks, *param.shape]}``. The result stays differentiable
     with respect to ``params`` (fully for ``first_order=False``; through the identity path only for
     ``first_order=True``). ``inner_lr`` is a number, a dict of step sizes, or ``'learned'``;
-    ``adapt_names`` restricts adaptation to some parameters (ANIL: the head).
+    ``adapt_names`` restricts adaptation to some parameters (ANIL: the head). Per-step parameters and
+    ``buffers`` (MAML++) are used as in :func:`maml_loss` and are not part of the result.
     """
     _check_params(params)
     check_positive_int("steps", steps, minimum=0)
     theta, rates = _resolve_inner_lr(inner_lr, params)
+    theta, overrides = _step_overrides(theta, steps, buffers)
     names = _check_adapt_names(theta, adapt_names)
-    options = dict(rates=rates, steps=steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn)
-    if _use_vmap(model, vectorize):
+    options = dict(rates=rates, steps=steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn,
+                   overrides=overrides)
+    if _use_vmap(model, vectorize) and overrides is None:
         with torch.enable_grad():
             return vmap(lambda p, x, y: _trajectory(model, p, x, y, functional=True, **options)[-1],
                         in_dims=(None, 0, 0))(theta, support_x, support_y)
@@ -316,17 +399,22 @@ def _check_step_weights(step_weights, steps: int):
     return w
 
 
-def _task_meta_loss(model, params, sx, sy, qx, qy, *, weights, functional, loss_fn, **options):
-    path = _trajectory(model, params, sx, sy, functional=functional, loss_fn=loss_fn, **options)
+def _at_step(overrides, k: int) -> Params:
+    return overrides[k] if overrides else {}
+
+
+def _task_meta_loss(model, params, sx, sy, qx, qy, *, weights, functional, loss_fn, overrides=None, **options):
+    path = _trajectory(model, params, sx, sy, functional=functional, loss_fn=loss_fn, overrides=overrides, **options)
     if weights is None:
-        return loss_fn(functional_call(model, path[-1], (qx,)), qy)
-    losses = torch.stack([loss_fn(functional_call(model, p, (qx,)), qy) for p in path[1:]])
+        return loss_fn(functional_call(model, {**path[-1], **_at_step(overrides, len(path) - 1)}, (qx,)), qy)
+    losses = torch.stack([loss_fn(functional_call(model, {**p, **_at_step(overrides, k)}, (qx,)), qy)
+                          for k, p in enumerate(path) if k > 0])
     return (weights.to(losses) * losses).sum()
 
 
 def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, inner_steps: int = 1,
               first_order: bool = False, adapt_names=None, step_weights=None, checkpoint_steps: bool = False,
-              loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto") -> Tensor:
+              buffers=None, loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto") -> Tensor:
     r"""The MAML meta-loss :math:`\frac{1}{T}\sum_t L_{Q_t}(\mathrm{adapt}_t(\theta))` (``reduction='mean'``).
 
     Differentiate it with respect to ``params`` (``.backward()`` or ``torch.autograd.grad``) to get
@@ -338,20 +426,25 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
     * ``adapt_names``: adapt only these parameters in the inner loop (ANIL: :func:`final_layer_names`);
     * ``step_weights [inner_steps]``: multi-step loss :math:`\sum_k w_k L_Q(\theta_k)` (MAML++);
     * ``checkpoint_steps``: recompute each inner step in the backward pass instead of storing it
-      (gradient checkpointing: less memory, more time; per-task loop only).
+      (gradient checkpointing: less memory, more time; per-task loop only);
+    * per-step parameters ``per_step.<k>.<name>`` in ``params`` (:func:`per_step_params`) replace
+      ``name`` while the model is evaluated at inner step ``k``, and ``buffers={k: {name: tensor}}``
+      (:func:`per_step_buffers`) gives each step its own batch-norm running statistics (MAML++'s per-step
+      batch norm; per-task loop only).
     """
     _check_params(params)
     _check_batch(batch)
     _check_reduction(reduction)
     check_positive_int("inner_steps", inner_steps, minimum=0)
     theta, rates = _resolve_inner_lr(inner_lr, params)
+    theta, overrides = _step_overrides(theta, inner_steps, buffers)
     names = _check_adapt_names(theta, adapt_names)
     weights = _check_step_weights(step_weights, inner_steps)
-    use_vmap = _use_vmap(model, vectorize) and not checkpoint_steps
+    use_vmap = _use_vmap(model, vectorize) and not checkpoint_steps and overrides is None
     if checkpoint_steps and vectorize is True:
         raise ValueError("checkpoint_steps=True runs the per-task loop; it cannot be combined with vectorize=True")
     options = dict(rates=rates, steps=inner_steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn,
-                   weights=weights)
+                   weights=weights, overrides=overrides)
     if use_vmap:
         losses = vmap(lambda p, sx, sy, qx, qy: _task_meta_loss(model, p, sx, sy, qx, qy, functional=True, **options),
                       in_dims=(None, 0, 0, 0, 0))(theta, batch.support_x, batch.support_y, batch.query_x,
@@ -480,7 +573,7 @@ def meta_gradient(objective: Callable[[Params, TaskBatch], Tensor], params: Para
 
 # --------------------------------------------------------------------------------------- evaluation
 def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, steps: int,
-                     adapt_names=None, loss_fn: LossFn = F.mse_loss, vectorize="auto",
+                     adapt_names=None, buffers=None, loss_fn: LossFn = F.mse_loss, vectorize="auto",
                      chunk_size: int | None = None) -> Tensor:
     """Query loss of each task after 0, 1, ..., ``steps`` SGD steps on its support set.
 
@@ -491,15 +584,17 @@ def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inne
     _check_batch(batch)
     check_positive_int("steps", steps, minimum=0)
     theta, rates = _resolve_inner_lr(inner_lr, {k: v.detach() for k, v in params.items()})
+    theta, overrides = _step_overrides(theta, steps, buffers)
     names = _check_adapt_names(theta, adapt_names)
 
     def curve(p, sx, sy, qx, qy, functional):
         path = _trajectory(model, p, sx, sy, rates=rates, steps=steps, first_order=True, adapt_names=names,
-                           loss_fn=loss_fn, functional=functional)
-        return torch.stack([loss_fn(functional_call(model, q, (qx,)), qy).detach() for q in path])
+                           loss_fn=loss_fn, functional=functional, overrides=overrides)
+        return torch.stack([loss_fn(functional_call(model, {**q, **_at_step(overrides, k)}, (qx,)), qy).detach()
+                            for k, q in enumerate(path)])
 
     with torch.no_grad():
-        if _use_vmap(model, vectorize):
+        if _use_vmap(model, vectorize) and overrides is None:
             return vmap(partial(curve, functional=True), in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)(
                 theta, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         return torch.stack([curve(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t],

@@ -191,3 +191,80 @@ def test_family_bad_inputs():
         mt.reptile_loss(model, params, batch, inner_lr=0.1, use="query")
     with pytest.raises(TypeError, match="maml_objective needs inner_lr"):
         mt.maml_objective(model)
+
+
+# ------------------------------------------------------------------- MAML++ per-step batch norm
+def conv_setup(batch_norm="batch", tasks=2, n_way=3, seed=0):
+    model = mt.conv4(n_way, hidden=4, batch_norm=batch_norm, seed=seed).to(F64)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(tasks, 2 * n_way, 1, 28, 28, generator=g, dtype=F64)
+    y = torch.arange(n_way).repeat(2).expand(tasks, -1)
+    return model, mt.init_params(model), mt.TaskBatch(x[:, :n_way], y[:, :n_way], x[:, n_way:], y[:, n_way:])
+
+
+def test_per_step_batch_norm_weights_sum_to_the_shared_gradient():
+    """With every per-step copy equal to the shared value, the loss equals MAML's with the batch-norm
+    parameters left out of the inner loop (per-step copies are meta-learned, not adapted), and the gradients
+    of the copies add up to the shared parameter's gradient (the chain rule for a parameter used at each step)."""
+    model, params, batch = conv_setup()
+    kw = dict(inner_lr=0.1, inner_steps=2, loss_fn=F.cross_entropy)
+    bn = mt.batch_norm_names(model)
+    assert len(bn) == 8
+    plain_loss = mt.maml_loss(model, params, batch, adapt_names=[n for n in params if n not in bn], **kw)
+    plain = grads(plain_loss, params)
+    per_step = {**params, **mt.per_step_params(params, bn, steps=2)}
+    loss = mt.maml_loss(model, per_step, batch, **kw)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=1e-12)
+    used = {k: v for k, v in per_step.items() if k not in bn}  # the shared copies are replaced everywhere
+    g = grads(loss, used)
+    for name in bn:
+        copies = [g[f"per_step.{k}.{name}"] for k in range(3)]
+        assert all(c.abs().sum() > 0 for c in copies), name  # each step's copy is used
+        torch.testing.assert_close(sum(copies), plain[name], rtol=1e-9, atol=1e-12)
+    for name in params:
+        if name not in bn:
+            torch.testing.assert_close(g[name], plain[name], rtol=1e-9, atol=1e-12)
+
+
+def test_per_step_running_statistics_are_kept_per_step():
+    model, params, batch = conv_setup("running")
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    buffers = mt.per_step_buffers(model, steps=2)
+    mt.maml_loss(model, params, batch, inner_lr=0.1, inner_steps=2, loss_fn=F.cross_entropy, buffers=buffers).backward()
+    name = "features.0.1.running_mean"
+    # step 0 normalised the support images at theta_0: with momentum 0.1 and two tasks, its statistics are
+    # 0.9 * (0.1 * m_task0) + 0.1 * m_task1 of the first conv layer's outputs, which we recompute here
+    conv = model.features[0][0]
+    means = [F.conv2d(batch.support_x[t], params["features.0.0.weight"], params["features.0.0.bias"], padding=1)
+             .mean(dim=(0, 2, 3)).detach() for t in range(2)]
+    torch.testing.assert_close(buffers[0][name], 0.9 * 0.1 * means[0] + 0.1 * means[1], rtol=1e-10, atol=1e-12)
+    assert conv is model.features[0][0]
+    assert not torch.equal(buffers[1][name], buffers[0][name]) and not torch.equal(buffers[2][name], buffers[1][name])
+    for k, v in model.named_buffers():  # the module's own statistics are untouched
+        assert torch.equal(v, before[k])
+    # at test time each step normalises with its own statistics
+    model.eval()
+    try:
+        curve = mt.adaptation_curve(model, params, batch, inner_lr=0.1, steps=2, buffers=buffers,
+                                    loss_fn=F.cross_entropy)
+        first = F.cross_entropy(mt.forward(model, {**params, **buffers[0]}, batch.query_x[0]), batch.query_y[0])
+        torch.testing.assert_close(curve[0, 0], first.detach())
+    finally:
+        model.train()
+
+
+def test_per_step_batch_norm_bad_inputs():
+    model, params, batch = conv_setup()
+    bn = mt.batch_norm_names(model)
+    partial_copies = {k: v for k, v in mt.per_step_params(params, bn, steps=2).items() if not k.startswith("per_step.2.")}
+    with pytest.raises(ValueError, match="per-step parameters for inner step 2 are missing"):
+        mt.maml_loss(model, {**params, **partial_copies}, batch, inner_lr=0.1, inner_steps=2, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match=r"does not name an inner step in 0\.\.1"):
+        mt.maml_loss(model, {**params, **mt.per_step_params(params, bn, steps=2)}, batch, inner_lr=0.1,
+                     inner_steps=1, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="no batch-norm running statistics"):
+        mt.per_step_buffers(model, steps=1)
+    running, p2, _ = conv_setup("running")
+    with pytest.raises(ValueError, match=r"buffers must map each inner step 0\.\.2"):
+        mt.maml_loss(running, p2, batch, inner_lr=0.1, inner_steps=2, loss_fn=F.cross_entropy,
+                     buffers=mt.per_step_buffers(running, steps=1))
