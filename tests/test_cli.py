@@ -153,3 +153,21 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_meta_batch(tm
     # and a resumed 2-process run reads back both ranks' task streams
     state = cli.load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert len(state["extra"]["stream_states"]) == 2
+
+
+SHARED_OMNIGLOT = Path(os.environ.get("METATUT_SHARED_OMNIGLOT", ROOT.parent / "shared" / "data" / "omniglot"))
+
+
+@pytest.mark.skipif(not (SHARED_OMNIGLOT / "images_background_small1.zip").is_file(),
+                    reason=f"the offline Omniglot copy is not at {SHARED_OMNIGLOT}")
+@pytest.mark.parametrize("algorithm", ["maml", "protonet", "anil"])
+def test_omniglot_runs_train_and_report_accuracy(tmp_path, algorithm, monkeypatch):
+    monkeypatch.setenv("METATUT_DATA", str(tmp_path / "data"))  # the decoded-images cache goes here
+    cfg = cli.load_config(ROOT / "configs" / "omniglot_5way_1shot.json", [
+        'dataset="small"', f'data_root="{SHARED_OMNIGLOT}"', f'algorithm="{algorithm}"', "steps=2", "width=4",
+        "meta_batch=2", "eval_tasks=5", "eval_every=2", "checkpoint_every=2", "progress=false",
+        f'out_dir="{tmp_path / "run"}"'])
+    torch.set_num_threads(1)
+    metrics = cli.train(cfg)["metrics"]
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_accuracy_ci95"] >= 0
+    assert cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["algorithm"] == algorithm
