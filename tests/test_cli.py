@@ -161,13 +161,12 @@ SHARED_OMNIGLOT = Path(os.environ.get("METATUT_SHARED_OMNIGLOT", ROOT.parent / "
 @pytest.mark.skipif(not (SHARED_OMNIGLOT / "images_background_small1.zip").is_file(),
                     reason=f"the offline Omniglot copy is not at {SHARED_OMNIGLOT}")
 @pytest.mark.parametrize("algorithm", ["maml", "protonet", "anil"])
-def test_omniglot_runs_train_and_report_accuracy(tmp_path, algorithm, monkeypatch):
+def test_omniglot_runs_train_and_report_accuracy(tmp_path, algorithm, monkeypatch, one_thread):
     monkeypatch.setenv("METATUT_DATA", str(tmp_path / "data"))  # the decoded-images cache goes here
     cfg = cli.load_config(ROOT / "configs" / "omniglot_5way_1shot.json", [
         'dataset="small"', f'data_root="{SHARED_OMNIGLOT}"', f'algorithm="{algorithm}"', "steps=2", "width=4",
         "meta_batch=2", "eval_tasks=5", "eval_every=2", "checkpoint_every=2", "progress=false",
         f'out_dir="{tmp_path / "run"}"'])
-    torch.set_num_threads(1)
     metrics = cli.train(cfg)["metrics"]
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_accuracy_ci95"] >= 0
     assert cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["algorithm"] == algorithm
