@@ -11,7 +11,7 @@ A model is an ``nn.Module`` plus a dict of parameters; algorithms are pure funct
 from .budget import data_dir, pick, profile
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import make_generator, pick_device
-from .evaluate import Summary, adapted_accuracy, evaluate_adaptation, summarize
+from .evaluate import Summary, adapted_accuracy, adapted_predictor, evaluate_adaptation, summarize, held_out_episodes
 from . import data
 from .conv import Conv4, conv4
 from .functional import (
@@ -59,7 +59,7 @@ __all__ = [
     "mlp", "init_params", "forward", "functional_model", "count_parameters",
     "task_loss", "per_task_losses", "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective",
     "summed_loss_objective", "meta_gradient", "adaptation_curve", "can_vectorize",
-    "meta_train", "adapted_accuracy", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
+    "meta_train", "adapted_accuracy", "adapted_predictor", "held_out_episodes", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
     "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
     "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
     "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",

@@ -153,11 +153,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 # ----------------------------------------------------------------------------------------- pieces
-def _omniglot_training_images(cfg: TrainConfig):
-    from .data import fraction_split, load_omniglot, maml_split
-    data = load_omniglot(cfg.dataset, root=cfg.data_root, download=cfg.dataset == "full")
-    split = maml_split(data) if cfg.dataset == "full" else fraction_split(data, seed=1)
-    return split
+def _omniglot_split(cfg: TrainConfig):
+    """The full set with the MAML split, or the small offline sets with the split that notebooks 05/06 and
+    the pretrained checkpoints use (``fraction_split(seed=0)``)."""
+    from .data import SMALL_ZIPS, fraction_split, load_omniglot, maml_split, offline_omniglot_dir
+    if cfg.dataset == "full":
+        return maml_split(load_omniglot("full", root=cfg.data_root, download=True))
+    root = cfg.data_root or offline_omniglot_dir(SMALL_ZIPS)
+    return fraction_split(load_omniglot("small", root=root, download=root is None), seed=0)
 
 
 def _build(cfg: TrainConfig, device: torch.device):
@@ -173,7 +176,7 @@ def _build(cfg: TrainConfig, device: torch.device):
     else:
         from .conv import conv4
         from .tasks.episodes import sample_episodes
-        split = _omniglot_training_images(cfg)
+        split = _omniglot_split(cfg)
         images = split.train.images.to(device)
         model = conv4(None if cfg.algorithm == "protonet" else cfg.n_way, hidden=cfg.width, seed=cfg.seed).to(device)
         loss_fn = F.cross_entropy

@@ -12,9 +12,9 @@ from torch.func import functional_call
 
 from .functional import LossFn, adapt, adaptation_curve
 from .models import Params
-from .tasks.base import TaskBatch
+from .tasks.base import TaskBatch, check_positive_int
 
-__all__ = ["Summary", "summarize", "evaluate_adaptation", "adapted_accuracy"]
+__all__ = ["Summary", "summarize", "evaluate_adaptation", "adapted_accuracy", "adapted_predictor", "held_out_episodes"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,37 @@ def adapted_accuracy(model: nn.Module, params: Params, tasks: TaskBatch, *, inne
             logits = functional_call(model, p, (tasks.query_x[t],))
             correct.append((logits.argmax(-1) == tasks.query_y[t]).float().mean())
     return torch.stack(correct)
+
+
+def held_out_episodes(images, episodes: int, n_way: int, k_shot: int, q_query: int, *, seed: int = 2015,
+                  chunk: int = 100) -> list[TaskBatch]:
+    """Seeded test episodes, drawn ``chunk`` at a time from one generator on the images' device.
+
+    Whole chunks are always drawn (the last one cut to size), so the first ``n`` episodes are the same
+    whatever ``episodes >= n`` is: a short evaluation re-checks a prefix of a long recorded one.
+    Returns a list of :class:`TaskBatch` of at most ``chunk`` tasks each (``[tasks, N*K, 1, 28, 28]``).
+    """
+    from .tasks.episodes import sample_episodes
+
+    check_positive_int("episodes", episodes)
+    check_positive_int("chunk", chunk)
+    device = images.images.device if hasattr(images, "images") else torch.as_tensor(images).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = []
+    for start in range(0, episodes, chunk):
+        batch = sample_episodes(images, chunk, n_way, k_shot, q_query, generator=generator)
+        batches.append(batch[: min(chunk, episodes - start)])
+    return batches
+
+
+def adapted_predictor(model: nn.Module, params: Params, *, inner_lr, steps: int, adapt_names=None,
+                      loss_fn: LossFn = F.cross_entropy):
+    """``predict(support_x [n, ...], support_y [n], query_x [m, ...]) -> labels [m]`` for one task:
+    fine-tune on the support set as :func:`adapted_accuracy` does, then take the arg-max class
+    (e.g. for :func:`metatut.data.evaluate_one_shot`)."""
+    def predict(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        adapted = adapt(model, {k: v.detach() for k, v in params.items()}, support_x[None], support_y[None],
+                        inner_lr=inner_lr, steps=steps, first_order=True, adapt_names=adapt_names, loss_fn=loss_fn)
+        with torch.no_grad():
+            return functional_call(model, {k: v[0] for k, v in adapted.items()}, (query_x,)).argmax(-1)
+    return predict

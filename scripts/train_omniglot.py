@@ -34,14 +34,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import metatut as mt
-from metatut.data import evaluate_one_shot, fraction_split, load_omniglot, load_one_shot_runs
+from metatut.data import (ONE_SHOT_RUNS_ZIP, SMALL_ZIPS, evaluate_one_shot, fraction_split, load_omniglot,
+                          load_one_shot_runs, offline_omniglot_dir)
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
-RUNS_ZIP = "all_runs.zip"
 ALGORITHMS = ("maml", "fomaml", "protonet")
 
 #: Fixed evaluation protocol (recorded in every provenance file).
@@ -54,18 +52,14 @@ EVAL_QUERY = 5            # query images per class in a test episode
 
 # ------------------------------------------------------------------------------------------------ data
 def shared_omniglot_dir() -> Path:
-    """The folder holding the small background zips and ``all_runs.zip`` (see the module docstring)."""
-    candidates = []
-    if os.environ.get("METATUT_SHARED_OMNIGLOT"):
-        candidates.append(Path(os.environ["METATUT_SHARED_OMNIGLOT"]).expanduser())
-    candidates += [mt.data_dir(create=False) / "omniglot", REPO.parent / "shared" / "data" / "omniglot"]
-    for folder in candidates:
-        if all((folder / name).is_file() for name in (*SMALL_ZIPS, RUNS_ZIP)):
-            return folder
-    raise FileNotFoundError("the small Omniglot background sets and all_runs.zip were not found in any of "
-                            f"{[str(c) for c in candidates]}; set METATUT_SHARED_OMNIGLOT, or call "
-                            "metatut.data.load_omniglot('small', download=True) and "
-                            "metatut.data.load_one_shot_runs(download=True) once")
+    """The folder holding the small background zips and ``all_runs.zip`` (:func:`metatut.data.offline_omniglot_dir`)."""
+    folder = offline_omniglot_dir()
+    if folder is None:
+        raise FileNotFoundError("the small Omniglot background sets and all_runs.zip were not found (see "
+                                "metatut.data.offline_omniglot_dir); set METATUT_SHARED_OMNIGLOT, or call "
+                                "metatut.data.load_omniglot('small', download=True) and "
+                                "metatut.data.load_one_shot_runs(download=True) once")
+    return folder
 
 
 def load_split(folder: Path | None = None, cache_dir=None):
@@ -98,51 +92,27 @@ def build_objective(model, config: dict):
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def maml_accuracy(model, params, batch: mt.TaskBatch, *, inner_lr: float, steps: int) -> torch.Tensor:
-    """Query accuracy ``[tasks]`` after ``steps`` SGD steps on each task's support set (no meta-gradient)."""
-    return mt.adapted_accuracy(model, params, batch, inner_lr=inner_lr, steps=steps, loss_fn=F.cross_entropy)
-
-
 def episode_accuracy(model, params, config: dict, batch: mt.TaskBatch, n_way: int) -> torch.Tensor:
     if config["algorithm"] == "protonet":
         return mt.protonet_accuracy(model, params, batch, n_way)
-    return maml_accuracy(model, params, batch, inner_lr=config["inner_lr"], steps=config["test_inner_steps"])
+    return mt.adapted_accuracy(model, params, batch, inner_lr=config["inner_lr"], steps=config["test_inner_steps"],
+                               loss_fn=F.cross_entropy)
 
 
 def evaluate_episodes(model, params, config: dict, images, *, n_way: int, episodes: int = EVAL_EPISODES,
                       seed: int = EVAL_SEED, chunk: int = EVAL_CHUNK, k_shot: int = 1,
                       q_query: int = EVAL_QUERY) -> torch.Tensor:
-    """Accuracy on each of ``episodes`` seeded test episodes, drawn ``chunk`` at a time from one generator.
-
-    Whole chunks are always drawn (the last one cut to size before evaluating), so the first ``n`` episodes
-    are the same whatever ``episodes >= n`` is: a test can re-check a prefix of a recorded evaluation."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, episodes, chunk):
-        batch = mt.sample_episodes(images, chunk, n_way, k_shot, q_query, generator=generator)
-        keep = min(chunk, episodes - start)
-        if keep < chunk:
-            batch = mt.TaskBatch(batch.support_x[:keep], batch.support_y[:keep], batch.query_x[:keep],
-                                 batch.query_y[:keep])
-        out.append(episode_accuracy(model, params, config, batch, n_way))
-    return torch.cat(out)
+    """Accuracy on each of ``episodes`` seeded test episodes (:func:`metatut.held_out_episodes`: a shorter
+    evaluation re-checks a prefix of a recorded one)."""
+    batches = mt.held_out_episodes(images, episodes, n_way, k_shot, q_query, seed=seed, chunk=chunk)
+    return torch.cat([episode_accuracy(model, params, config, batch, n_way) for batch in batches])
 
 
 def one_shot_predictor(model, params, config: dict):
     """``predict(support_x, support_y, query_x)`` for Lake et al.'s runs (20-way: MAML needs a 20-way head)."""
     if config["algorithm"] == "protonet":
         return mt.protonet_predictor(model, params)
-
-    def predict(support_x, support_y, query_x):
-        batch = mt.TaskBatch(support_x[None], support_y[None], query_x[None],
-                             torch.zeros(1, len(query_x), dtype=torch.long))
-        theta = {k: v.detach() for k, v in params.items()}
-        adapted = mt.adapt(model, theta, batch.support_x, batch.support_y, inner_lr=config["inner_lr"],
-                           steps=config["test_inner_steps"], first_order=True, loss_fn=F.cross_entropy,
-                           vectorize=False)
-        with torch.no_grad():
-            return functional_call(model, {k: v[0].detach() for k, v in adapted.items()}, (query_x,)).argmax(-1)
-    return predict
+    return mt.adapted_predictor(model, params, inner_lr=config["inner_lr"], steps=config["test_inner_steps"])
 
 
 def evaluation_ways(config: dict) -> list[int]:
@@ -225,7 +195,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     folder = shared_omniglot_dir()
     split = load_split(folder)
-    runs = load_one_shot_runs(folder / RUNS_ZIP)
+    runs = load_one_shot_runs(folder / ONE_SHOT_RUNS_ZIP)
     config = {"algorithm": args.algorithm, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
               "meta_batch": args.meta_batch, "hidden": args.hidden, "meta_lr": args.meta_lr, "seed": args.seed,
               "model": "conv4", "batch_norm": "batch", "downsample": "maxpool", "split_seed": SPLIT_SEED,
@@ -267,7 +237,7 @@ def main(argv=None) -> int:
         "config": config,
         "seed": args.seed,
         "data": {"folder_name": folder.name,
-                 "files": {name: sha256(folder / name) for name in (*SMALL_ZIPS, RUNS_ZIP)},
+                 "files": {name: sha256(folder / name) for name in (*SMALL_ZIPS, ONE_SHOT_RUNS_ZIP)},
                  "note": "the small background sets only (242 characters), not Omniglot's full background set "
                          "(964 characters): numbers are not comparable to the papers'"},
         "git_commit": git_commit(),

@@ -11,7 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 import metatut
-from metatut.conv import Conv4, conv4
+import metatut as mt
+from metatut.conv import conv4
 from metatut.protonet import (
     accuracy, embed_episodes, protonet_accuracy, protonet_logits, protonet_loss, protonet_objective,
     protonet_predictor, prototypes,
@@ -202,3 +203,17 @@ def test_protonet_with_identity_embedding_is_pixel_nearest_neighbour():
     batch = runs.task_batch(dtype=torch.float64)
     assert isinstance(batch, TaskBatch)
     assert torch.allclose(protonet_accuracy(identity, {}, batch, 20), 1 - baseline.errors)
+
+
+def test_adapted_predictor_agrees_with_adapted_accuracy():
+    model = mt.conv4(3, hidden=4, seed=0)
+    params = mt.init_params(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 12, 1, 28, 28, generator=g)
+    y = torch.arange(3).repeat(4)[None]
+    batch = mt.TaskBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+    predict = mt.adapted_predictor(model, params, inner_lr=0.4, steps=2)
+    labels = predict(batch.support_x[0], batch.support_y[0], batch.query_x[0])
+    accuracy = mt.adapted_accuracy(model, params, batch, inner_lr=0.4, steps=2)
+    assert labels.shape == (9,)
+    assert accuracy.item() == pytest.approx((labels == batch.query_y[0]).float().mean().item())

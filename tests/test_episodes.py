@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import metatut as mt
+
 from metatut.tasks.base import TaskBatch
 from metatut.tasks.episodes import EpisodeSampler, sample_episodes
 
@@ -119,3 +121,24 @@ def test_bad_images_are_rejected():
         sample_episodes(torch.zeros(12, 20, 28), 1, 2, 1, 1)
     with pytest.raises(TypeError, match="uint8 or floating point"):
         sample_episodes(torch.zeros(12, 20, 2, 2, dtype=torch.int32), 1, 2, 1, 1)
+
+
+def test_held_out_episodes_are_seeded_and_prefix_stable():
+    images = torch.randint(0, 256, (30, 20, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    long = mt.held_out_episodes(images, 25, 5, 1, 3, seed=7, chunk=10)
+    short = mt.held_out_episodes(images, 12, 5, 1, 3, seed=7, chunk=10)
+    assert [b.num_tasks for b in long] == [10, 10, 5] and [b.num_tasks for b in short] == [10, 2]
+    assert torch.equal(long[0].support_x, short[0].support_x)
+    assert torch.equal(long[1].query_y[:2], short[1].query_y) and torch.equal(long[1].query_x[:2], short[1].query_x)
+    assert not torch.equal(mt.held_out_episodes(images, 10, 5, 1, 3, seed=8)[0].support_x, long[0].support_x)
+    with pytest.raises(ValueError, match="episodes must be an int >= 1"):
+        mt.held_out_episodes(images, 0, 5, 1, 3)
+
+
+def test_offline_omniglot_dir_follows_the_environment(tmp_path, monkeypatch):
+    from metatut.data import offline_omniglot_dir
+    for name in ("a.zip", "b.zip"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setenv("METATUT_SHARED_OMNIGLOT", str(tmp_path))
+    assert offline_omniglot_dir(("a.zip", "b.zip")) == tmp_path
+    assert offline_omniglot_dir(("a.zip", "missing.zip")) != tmp_path  # falls through to the other folders

@@ -2,6 +2,8 @@
 from .omniglot import (
     IMAGES_PER_CHARACTER,
     OFFICIAL_ZIPS,
+    ONE_SHOT_RUNS_ZIP,
+    SMALL_ZIPS,
     URL_PREFIX,
     OmniglotImages,
     OmniglotSplit,
@@ -12,6 +14,7 @@ from .omniglot import (
     load_omniglot,
     load_omniglot_from,
     maml_split,
+    offline_omniglot_dir,
     omniglot_dir,
     split_characters,
     with_rotations,
@@ -29,7 +32,8 @@ from .one_shot_runs import (
 __all__ = [
     "IMAGES_PER_CHARACTER", "OFFICIAL_ZIPS", "URL_PREFIX", "OmniglotImages", "OmniglotSplit",
     "omniglot_dir", "fetch_zip", "extract_zip", "decode_png", "load_omniglot_from", "load_omniglot",
-    "with_rotations", "split_characters", "maml_split", "fraction_split",
+    "with_rotations", "split_characters", "maml_split", "fraction_split", "SMALL_ZIPS", "ONE_SHOT_RUNS_ZIP",
+    "offline_omniglot_dir",
     "HUMAN_ERROR", "BPL_ERROR", "OneShotRuns", "OneShotResult", "load_one_shot_runs", "evaluate_one_shot",
     "pixel_nearest_neighbour",
 ]

@@ -522,3 +522,21 @@ def fraction_split(data: OmniglotImages, fractions: Sequence[float] = (0.6, 0.2,
     if min(sizes) < 1:
         raise ValueError(f"fractions {fractions} leave an empty split for {len(data)} characters (sizes {sizes})")
     return split_characters(data, sizes, seed=seed, rotations=rotations)
+
+
+# --------------------------------------------------------------------------------- offline small copy
+SMALL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+ONE_SHOT_RUNS_ZIP = "all_runs.zip"
+
+
+def offline_omniglot_dir(files: Sequence[str] = (*SMALL_ZIPS, ONE_SHOT_RUNS_ZIP)) -> Path | None:
+    """The first folder that holds all of ``files`` (by default the two small background sets and the
+    one-shot runs), or None: ``$METATUT_SHARED_OMNIGLOT``, then ``METATUT_DATA/omniglot``, then the
+    course's offline copy ``<repo>/../shared/data/omniglot``. With None, load with ``download=True``.
+    """
+    candidates = []
+    if os.environ.get("METATUT_SHARED_OMNIGLOT"):
+        candidates.append(Path(os.environ["METATUT_SHARED_OMNIGLOT"]).expanduser())
+    candidates += [data_dir(create=False) / "omniglot",
+                   Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"]
+    return next((c for c in candidates if all((c / f).is_file() for f in files)), None)
