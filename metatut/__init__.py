@@ -12,13 +12,15 @@ from .budget import data_dir, pick, profile
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import make_generator, pick_device
 from .evaluate import Summary, adapted_accuracy, adapted_predictor, evaluate_adaptation, summarize, held_out_episodes
-from . import data
+from . import accel, data
+from . import timing
 from .conv import Conv4, conv4
 from .functional import (
     MAMLObjective,
     adapt,
     adaptation_curve,
     can_vectorize,
+    prefers_vmap,
     final_layer_names,
     inner_step,
     learned_inner_lrs,
@@ -58,11 +60,11 @@ __all__ = [
     "Params", "TaskBatch", "SinusoidTasks", "LinearTasks", "Summary", "TrainResult",
     "mlp", "init_params", "forward", "functional_model", "count_parameters",
     "task_loss", "per_task_losses", "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective",
-    "summed_loss_objective", "meta_gradient", "adaptation_curve", "can_vectorize",
+    "summed_loss_objective", "meta_gradient", "adaptation_curve", "can_vectorize", "prefers_vmap",
     "meta_train", "adapted_accuracy", "adapted_predictor", "held_out_episodes", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
     "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
     "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
-    "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
+    "accel", "timing", "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
     "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
     "protonet_predictor", "accuracy", "embed_episodes",
 ]

@@ -35,7 +35,7 @@ from .models import Params
 from .tasks.base import TaskBatch, check_positive_int
 
 __all__ = [
-    "LossFn", "VMAP_VERIFIED_LAYERS", "LEARNED_LR_PREFIX", "can_vectorize", "task_loss", "per_task_losses",
+    "LossFn", "VMAP_VERIFIED_LAYERS", "LEARNED_LR_PREFIX", "can_vectorize", "prefers_vmap", "task_loss", "per_task_losses",
     "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective", "MAMLObjective", "msl_weights",
     "summed_loss_objective", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
     "final_layer_names", "meta_gradient", "adaptation_curve", "PER_STEP_PREFIX", "per_step_params",
@@ -44,9 +44,13 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Layer types whose vmap-over-tasks path the tests check against the per-task loop.
+#: Layer types whose vmap-over-tasks path the tests check against the per-task loop (float64, both orders).
+#: Batch norm is not among them: under ``vmap`` PyTorch's batch norm gives a second-order meta-gradient that
+#: differs from the loop's by ~1e-2 relative even in float64, while the loop agrees with batch norm written
+#: out in elementary operations (``tests/test_accel.py``); so conv4 with batch norm runs the loop.
 VMAP_VERIFIED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Sequential, nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Identity, nn.Flatten,
+    nn.Conv2d, nn.MaxPool2d,
 )
 
 _REDUCTIONS = ("mean", "sum")
@@ -86,14 +90,30 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return losses.mean() if reduction == "mean" else losses.sum()
 
 
+def _verified(module: nn.Module) -> bool:
+    from .conv import Conv4
+    return type(module) in VMAP_VERIFIED_LAYERS or type(module) is Conv4
+
+
 def can_vectorize(model: nn.Module) -> bool:
-    """True when every submodule of ``model`` is a layer type in :data:`VMAP_VERIFIED_LAYERS`."""
-    return all(type(m) in VMAP_VERIFIED_LAYERS for m in model.modules())
+    """True when every submodule of ``model`` is a layer whose vmap path the tests verify
+    (:data:`VMAP_VERIFIED_LAYERS`); then ``vectorize=True`` gives the loop's meta-gradient."""
+    return all(_verified(m) for m in model.modules())
+
+
+def prefers_vmap(model: nn.Module) -> bool:
+    """What ``vectorize='auto'`` picks: vmap for verified models without convolutions.
+
+    For convolutional models vmap turns each convolution into a grouped convolution over tasks, which
+    measured 3-4x slower than the per-task loop on a CPU (``bench/RESULTS.md``), so ``'auto'`` keeps the
+    loop for them; ``vectorize=True`` still takes the (verified) vmap path.
+    """
+    return can_vectorize(model) and not any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _use_vmap(model: nn.Module, vectorize) -> bool:
     if vectorize == "auto":
-        return can_vectorize(model)
+        return prefers_vmap(model)
     if isinstance(vectorize, bool):
         return vectorize
     raise ValueError(f"vectorize must be True, False or 'auto' (got {vectorize!r})")
@@ -414,7 +434,8 @@ def _task_meta_loss(model, params, sx, sy, qx, qy, *, weights, functional, loss_
 
 def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, inner_steps: int = 1,
               first_order: bool = False, adapt_names=None, step_weights=None, checkpoint_steps: bool = False,
-              buffers=None, loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto") -> Tensor:
+              buffers=None, loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto",
+              vmap_chunk_size: int | None = None) -> Tensor:
     r"""The MAML meta-loss :math:`\frac{1}{T}\sum_t L_{Q_t}(\mathrm{adapt}_t(\theta))` (``reduction='mean'``).
 
     Differentiate it with respect to ``params`` (``.backward()`` or ``torch.autograd.grad``) to get
@@ -431,11 +452,16 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
       ``name`` while the model is evaluated at inner step ``k``, and ``buffers={k: {name: tensor}}``
       (:func:`per_step_buffers`) gives each step its own batch-norm running statistics (MAML++'s per-step
       batch norm; per-task loop only).
+
+    ``vectorize``: ``'auto'`` (:func:`prefers_vmap`), ``True`` (vmap over tasks) or ``False`` (the per-task
+    loop, the reference). ``vmap_chunk_size=c`` runs the vmap path ``c`` tasks at a time, bounding memory.
     """
     _check_params(params)
     _check_batch(batch)
     _check_reduction(reduction)
     check_positive_int("inner_steps", inner_steps, minimum=0)
+    if vmap_chunk_size is not None:
+        check_positive_int("vmap_chunk_size", vmap_chunk_size)
     theta, rates = _resolve_inner_lr(inner_lr, params)
     theta, overrides = _step_overrides(theta, inner_steps, buffers)
     names = _check_adapt_names(theta, adapt_names)
@@ -447,7 +473,7 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
                    weights=weights, overrides=overrides)
     if use_vmap:
         losses = vmap(lambda p, sx, sy, qx, qy: _task_meta_loss(model, p, sx, sy, qx, qy, functional=True, **options),
-                      in_dims=(None, 0, 0, 0, 0))(theta, batch.support_x, batch.support_y, batch.query_x,
+                      in_dims=(None, 0, 0, 0, 0), chunk_size=vmap_chunk_size)(theta, batch.support_x, batch.support_y, batch.query_x,
                                                   batch.query_y)
     else:
         losses = torch.stack([

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .accel import autocast, check_precision
 from .functional import _check_params
 from .models import Params
 from .progress import progress
@@ -53,7 +54,7 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
                on_step: Callable[[int, Tensor], None] | None = None,
                after_backward: Callable[[Params], None] | None = None,
                log_every: int = 100, desc: str = "meta-training",
-               progress_bar: bool | None = None, check: bool = True) -> TrainResult:
+               progress_bar: bool | None = None, check: bool = True, precision: str = "float32") -> TrainResult:
     """Minimise ``objective(params, batch)`` over task batches with Adam (in place on ``params``).
 
     ``sample_tasks(generator)`` returns a fresh :class:`TaskBatch` each iteration. The loss is kept on
@@ -67,6 +68,8 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
 
     Resuming: iterations run from ``start_step`` to ``steps``; with the optimiser state and the
     generator state restored, a resumed run ends exactly where an uninterrupted one does.
+    ``precision='bfloat16'`` computes the objective under bf16 autocast (:func:`metatut.accel.autocast`;
+    parameters, gradients and the optimiser stay float32); backward runs outside the autocast context.
     ``after_backward(params)`` runs between ``backward`` and the optimiser step (e.g. to all-reduce
     gradients across processes); ``on_step(step, loss)`` runs after each step and may raise
     :class:`StopTraining` to end the run after that step.
@@ -88,6 +91,7 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
         raise ValueError("params must be leaf tensors with requires_grad=True (use metatut.init_params(model))")
     if optimizer is None:
         optimizer = torch.optim.Adam(leaves, lr=meta_lr)
+    check_precision(precision)
     uses_step = bool(getattr(objective, "uses_step", False))
     device = leaves[0].device
     history = torch.full((steps - start_step,), float("nan"), device=device)
@@ -99,8 +103,9 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
                 group["lr"] = cosine_lr(step, steps, meta_lr, min_meta_lr)
         batch = sample_tasks(generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
-        loss.backward()
+        with autocast(device, precision):
+            loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
+        loss.float().backward()
         if after_backward is not None:
             after_backward(params)
         optimizer.step()

@@ -74,9 +74,11 @@ def test_batch_norm_setting_is_recorded_and_transductive():
         assert torch.allclose(running(x)[:5], running(x[:5]), atol=1e-6)   # per-example at test time
 
 
-def test_conv4_is_not_vectorized_and_works_functionally():
+def test_conv4_vmap_is_verified_but_auto_keeps_the_loop_and_works_functionally():
     model = conv4(5, hidden=4, seed=0)
-    assert metatut.can_vectorize(model) is False
+    assert metatut.can_vectorize(model) is False           # batch norm under vmap: see tests/test_accel.py
+    assert metatut.can_vectorize(conv4(5, hidden=4, batch_norm="none")) is True
+    assert metatut.prefers_vmap(conv4(5, hidden=4, batch_norm="none")) is False   # slower than the loop on a CPU
     params = {k: v * 2 for k, v in metatut.init_params(model).items()}
     x = torch.rand(3, 1, 28, 28)
     assert not torch.allclose(functional_call(model, params, (x,)), model(x))
