@@ -183,8 +183,8 @@ def main(argv=None) -> int:
     print("## MAML meta-iteration time, sinusoid workload\n")
     print("\n".join(header(device, dtype, args)))
     print("\n".join(correctness_gate(model, params0, batches[0], dtype)))
-    auto_path = "vmap" if mt.can_vectorize(model) else "loop"
-    print(f"- vectorize='auto' picks the {auto_path} path for this model (metatut.can_vectorize)")
+    auto_path = "vmap" if mt.prefers_vmap(model) else "loop"
+    print(f"- vectorize='auto' picks the {auto_path} path for this model (metatut.prefers_vmap)")
 
     impls = [Implementation(name, order, vec, model, params0)
              for order in ("second", "first")

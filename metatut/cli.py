@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import functional as fn
+from .accel import compile_objective
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import make_generator, pick_device
 from .distributed import DistributedContext, init_distributed, stream_seed
@@ -38,7 +39,8 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "train", "main"]
 TASKS = ("sinusoid", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "checkpoint_every", "device", "out_dir", "progress"}
+RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "checkpoint_every", "device", "out_dir", "progress",
+                     "compile", "task_workers"}
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     out_dir: str = "runs/run"
     progress: bool = True
+    # speed switches (metatut.accel), off by default; each is recorded in config.json with the run
+    precision: str = "float32"        # float32 | bfloat16 (autocast; parameters and optimiser stay float32)
+    compile: bool = False             # torch.compile the meta-loss (vmap path, or first order only)
+    task_workers: int = 1             # threads that run the per-task loop's tasks in parallel (CPU)
 
     def validate(self) -> "TrainConfig":
         def one_of(name, allowed):
@@ -97,10 +103,12 @@ class TrainConfig:
         one_of("algorithm", ALGORITHMS)
         one_of("lr_schedule", ("constant", "cosine"))
         one_of("dataset", ("full", "small"))
+        one_of("precision", ("float32", "bfloat16"))
+        one_of("compile", (False, True))
         if self.device is not None:
             one_of("device", ("cpu", "cuda", "mps"))
         for name in ("steps", "meta_batch", "task_streams", "shots", "query", "width", "log_every", "eval_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "task_workers"):
             integer(name, 1)
         integer("eval_tasks", 2)
         integer("inner_steps", 0 if self.algorithm in ("maml", "fomaml", "anil", "metasgd") else 1)
@@ -186,6 +194,8 @@ def _build(cfg: TrainConfig, device: torch.device):
         held_out = split.test.images.to(device)
     params = init_params(model)
     options = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, loss_fn=loss_fn)
+    if cfg.algorithm in ("maml", "fomaml", "anil", "metasgd"):
+        options["task_workers"] = cfg.task_workers
     if cfg.algorithm in ("maml", "fomaml"):
         objective = fn.maml_objective(model, first_order=cfg.algorithm == "fomaml", **options)
     elif cfg.algorithm == "anil":
@@ -198,6 +208,11 @@ def _build(cfg: TrainConfig, device: torch.device):
     else:
         from .protonet import protonet_objective
         objective = protonet_objective(model, cfg.n_way)
+    try:
+        objective = compile_objective(objective, enabled=cfg.compile, vectorized=fn.prefers_vmap(model),
+                                      first_order=cfg.algorithm in ("fomaml", "reptile", "protonet"))
+    except ValueError as e:
+        raise ConfigError(f"compile: {e}") from None
     return model, params, objective, loss_fn, sample, held_out
 
 
@@ -363,7 +378,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         result = meta_train(objective, params, sample_batch, steps=cfg.steps, meta_lr=cfg.meta_lr,
                             optimizer=optimizer, lr_schedule=cfg.lr_schedule, start_step=start_step,
                             on_step=on_step, after_backward=ctx.average_gradients, log_every=cfg.log_every,
-                            desc=cfg.name, progress_bar=None if (cfg.progress and ctx.is_main) else False, check=False)
+                            desc=cfg.name, progress_bar=None if (cfg.progress and ctx.is_main) else False, check=False,
+                            precision=cfg.precision)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)

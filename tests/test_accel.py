@@ -127,9 +127,10 @@ def test_meta_train_bf16_precision_trains_and_validates(one_thread):
     params = mt.init_params(model)
     tasks = mt.SinusoidTasks()
     objective = mt.maml_objective(model, inner_lr=0.01)
-    result = mt.meta_train(objective, params, lambda g: tasks.sample(5, 10, 10, generator=g), steps=60,
+    result = mt.meta_train(objective, params, lambda g: tasks.sample(10, 10, 10, generator=g), steps=300,
                            meta_lr=1e-2, generator=mt.make_generator(0), progress_bar=False, precision="bfloat16")
     assert torch.isfinite(result.losses).all()
+    assert result.losses[-50:].mean() < 0.7 * result.losses[:50].mean()
     assert all(p.dtype == torch.float32 for p in params.values())
     with pytest.raises(ValueError, match="precision"):
         mt.meta_train(objective, params, lambda g: tasks.sample(5, 10, 10, generator=g), steps=1,
@@ -174,3 +175,63 @@ def test_bf16_supported_answers_for_each_device_type():
     assert isinstance(accel.bf16_supported("cpu"), bool)
     assert accel.bf16_supported("mps") is True
     assert accel.bf16_supported("cuda") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_task_workers_give_the_loop_meta_gradient_in_float64(first_order, reduction):
+    model = mt.conv4(3, hidden=4, seed=0).double()
+    params = mt.init_params(model)
+    batch = _episodes(tasks=5, dtype=torch.float64)
+    threads_before = torch.get_num_threads()
+    options = dict(inner_lr=0.4, inner_steps=2, first_order=first_order, reduction=reduction, vectorize=False)
+    loop_loss = mt.maml_loss(model, params, batch, loss_fn=F.cross_entropy, **options)
+    loop = torch.autograd.grad(loop_loss, list(params.values()))
+    threaded_loss = mt.maml_loss(model, params, batch, loss_fn=F.cross_entropy, task_workers=3, **options)
+    threaded_loss.backward()
+    assert torch.get_num_threads() == threads_before              # intra-op threads restored
+    torch.testing.assert_close(threaded_loss.detach(), loop_loss.detach(), rtol=1e-12, atol=0)
+    for name, g in zip(params, loop):
+        torch.testing.assert_close(params[name].grad, g, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is not None for p in params.values())
+
+
+def test_task_workers_refuse_a_second_derivative_models_with_buffers_and_bad_counts():
+    model = mt.conv4(3, hidden=4, seed=0)
+    params = mt.init_params(model)
+    batch = _episodes(tasks=2, dtype=torch.float32)
+    loss = mt.maml_loss(model, params, batch, inner_lr=0.4, loss_fn=F.cross_entropy, task_workers=2)
+    (g,) = torch.autograd.grad(loss, [params["head.bias"]], create_graph=False)
+    assert g.shape == (3,)
+    loss = mt.maml_loss(model, params, batch, inner_lr=0.4, loss_fn=F.cross_entropy, task_workers=2)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, [params["head.bias"]], create_graph=True)
+    with torch.no_grad():
+        value = mt.maml_loss(model, params, batch, inner_lr=0.4, loss_fn=F.cross_entropy, task_workers=2)
+    assert not value.requires_grad and torch.isfinite(value)
+    running = mt.conv4(3, hidden=4, batch_norm="running", seed=0)
+    with pytest.raises(ValueError, match="without buffers"):
+        mt.maml_loss(running, mt.init_params(running), batch, inner_lr=0.4, loss_fn=F.cross_entropy, task_workers=2)
+    with pytest.raises(ValueError, match="task_workers"):
+        mt.maml_loss(model, params, batch, inner_lr=0.4, loss_fn=F.cross_entropy, task_workers=0)
+
+
+def test_speed_switches_are_named_configuration_options_checked_before_any_work():
+    from metatut.cli import ConfigError, load_config
+    cfg = load_config(None, ["precision=bfloat16", "compile=true", "task_workers=2"])
+    assert (cfg.precision, cfg.compile, cfg.task_workers) == ("bfloat16", True, 2)
+    assert load_config(None, []).to_dict()["precision"] == "float32"
+    for bad, message in (("precision=fp16", "precision must be one of"), ("compile=yes", "compile must be one of"),
+                         ("task_workers=0", "task_workers must be an int >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])
+
+
+def test_training_command_refuses_compile_for_the_second_order_loop(tmp_path):
+    from metatut.cli import ConfigError, load_config, train
+    cfg = load_config(None, ["task=omniglot", "dataset=small", "compile=true", f"out_dir={tmp_path / 'run'}"])
+    if mt.data.offline_omniglot_dir() is None:
+        pytest.skip("the offline Omniglot sets are not here")
+    with pytest.raises(ConfigError, match="compile: compile=True needs the vmap path or first-order"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()                 # refused before any work or file
