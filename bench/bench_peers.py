@@ -341,7 +341,7 @@ class MetatutMAML(Implementation):
     """``metatut.maml_loss`` + ``backward`` + Adam over the parameter dict."""
 
     def __init__(self, name, order, workload, device, *, vectorize="auto", accel=None, precision="float32",
-                 compiled=False, task_workers=1):
+                 compiled=False, task_workers=1, per_task_backward=False):
         super().__init__(name, order, workload, device)
         self.accel, self.precision = accel, precision
         self.params = mt.init_params(workload.model, device=device)
@@ -349,6 +349,8 @@ class MetatutMAML(Implementation):
                    "first_order": self.first_order, "loss_fn": workload.loss_fn, "vectorize": vectorize}
         if task_workers > 1:
             options["task_workers"] = task_workers
+        if per_task_backward:
+            options["per_task_backward"] = True
         model = workload.model
 
         def objective(params, batch):
@@ -387,28 +389,28 @@ class PeerMAML(Implementation):
 
 class Learn2LearnMAML(PeerMAML):
     """``l2l.algorithms.MAML(net, lr, first_order)``: per task ``clone()``, ``adapt(loss)`` per inner step,
-    query loss; mean over tasks, one backward."""
+    then ``backward()`` of the query loss divided by the number of tasks (as learn2learn's examples do)."""
 
     def __init__(self, name, order, workload, device, module):
         super().__init__(name, order, workload, device, module)
         self.maml = module.algorithms.MAML(self.net, lr=workload.inner_lr, first_order=self.first_order)
 
     def accumulate(self, batch) -> None:
-        loss_fn, losses = self.workload.loss_fn, []
+        loss_fn = self.workload.loss_fn
         for t in range(batch.num_tasks):
             sx, sy, qx, qy = self.task(batch, t)
             learner = self.maml.clone()
             for _ in range(self.workload.inner_steps):
                 learner.adapt(loss_fn(learner(sx), sy))
-            losses.append(loss_fn(learner(qx), qy))
-        torch.stack(losses).mean().backward()
+            query_loss = loss_fn(learner(qx), qy) / batch.num_tasks
+            query_loss.backward()  # one backward per task, as learn2learn's examples do: frees the task's graph
 
 
 class HigherMAML(PeerMAML):
     """``higher.innerloop_ctx(net, SGD, copy_initial_weights=False, track_higher_grads=not first_order)``.
 
-    Second order: per task ``diffopt.step(loss)`` per inner step, query loss; mean over tasks, one
-    backward. First order: with ``track_higher_grads=False`` the adapted weights are detached from the
+    Second order: per task ``diffopt.step(loss)`` per inner step, then ``backward()`` of the query loss
+    divided by the number of tasks (as higher's examples do). First order: with ``track_higher_grads=False`` the adapted weights are detached from the
     initial ones, so the FOMAML gradient is taken by hand: the query loss's gradient at the adapted
     weights, divided by the number of tasks, is added to the initial weights' ``.grad``.
     """
@@ -418,7 +420,7 @@ class HigherMAML(PeerMAML):
         self.inner_optimizer = torch.optim.SGD(self.net.parameters(), lr=workload.inner_lr)
 
     def accumulate(self, batch) -> None:
-        loss_fn, losses, tasks = self.workload.loss_fn, [], batch.num_tasks
+        loss_fn, tasks = self.workload.loss_fn, batch.num_tasks
         initial = list(self.net.parameters())
         for t in range(tasks):
             sx, sy, qx, qy = self.task(batch, t)
@@ -428,7 +430,7 @@ class HigherMAML(PeerMAML):
                     diffopt.step(loss_fn(fnet(sx), sy))
                 query_loss = loss_fn(fnet(qx), qy)
                 if not self.first_order:
-                    losses.append(query_loss)
+                    (query_loss / tasks).backward()  # per task, as higher's examples do
                     continue
                 grads = torch.autograd.grad(query_loss, list(fnet.parameters()))
                 for p, g in zip(initial, grads):
@@ -436,8 +438,6 @@ class HigherMAML(PeerMAML):
                         p.grad = g / tasks
                     else:
                         p.grad.add_(g, alpha=1.0 / tasks)
-        if losses:
-            torch.stack(losses).mean().backward()
 
 
 class TorchOptMAML(PeerMAML):
@@ -446,7 +446,7 @@ class TorchOptMAML(PeerMAML):
     First order: ``MetaSGD.step`` always differentiates through the step, so the functional API is
     used: ``torchopt.sgd(lr)`` with ``update`` and ``apply_updates`` on gradients taken without a graph
     (``torch.autograd.grad`` without ``create_graph``), the query loss evaluated with ``functional_call``.
-    Both: mean of the query losses over tasks, one backward.
+    Both: ``backward()`` of each task's query loss divided by the number of tasks.
     """
 
     def __init__(self, name, order, workload, device, module):
@@ -458,24 +458,25 @@ class TorchOptMAML(PeerMAML):
             self.inner = module.MetaSGD(self.net, lr=workload.inner_lr)
 
     def accumulate(self, batch) -> None:
-        losses = self._first_order_losses(batch) if self.first_order else self._second_order_losses(batch)
-        torch.stack(losses).mean().backward()
+        if self.first_order:
+            self._first_order(batch)
+        else:
+            self._second_order(batch)
 
-    def _second_order_losses(self, batch) -> list[Tensor]:
-        lib, loss_fn, losses = self.lib, self.workload.loss_fn, []
+    def _second_order(self, batch) -> None:
+        lib, loss_fn = self.lib, self.workload.loss_fn
         net_state = lib.extract_state_dict(self.net, by="reference", detach_buffers=True)
         inner_state = lib.extract_state_dict(self.inner, by="reference")
         for t in range(batch.num_tasks):
             sx, sy, qx, qy = self.task(batch, t)
             for _ in range(self.workload.inner_steps):
                 self.inner.step(loss_fn(self.net(sx), sy))
-            losses.append(loss_fn(self.net(qx), qy))
+            (loss_fn(self.net(qx), qy) / batch.num_tasks).backward()  # per task, as TorchOpt's example does
             lib.recover_state_dict(self.net, net_state)
             lib.recover_state_dict(self.inner, inner_state)
-        return losses
 
-    def _first_order_losses(self, batch) -> list[Tensor]:
-        lib, loss_fn, losses = self.lib, self.workload.loss_fn, []
+    def _first_order(self, batch) -> None:
+        lib, loss_fn = self.lib, self.workload.loss_fn
         initial = tuple(self.net.parameters())
         for t in range(batch.num_tasks):
             sx, sy, qx, qy = self.task(batch, t)
@@ -485,8 +486,8 @@ class TorchOptMAML(PeerMAML):
                 grads = torch.autograd.grad(support_loss, params)  # no create_graph: first order
                 updates, state = self.inner.update(grads, state, params=params, inplace=False)
                 params = tuple(lib.apply_updates(params, updates, inplace=False))
-            losses.append(loss_fn(functional_call(self.net, dict(zip(self.net_names, params)), (qx,)), qy))
-        return losses
+            query_loss = loss_fn(functional_call(self.net, dict(zip(self.net_names, params)), (qx,)), qy)
+            (query_loss / batch.num_tasks).backward()
 
 
 class FloorTraining(Implementation):
@@ -529,17 +530,18 @@ PEER_CLASSES = {"learn2learn": Learn2LearnMAML, "higher": HigherMAML, "torchopt"
 def make_implementation(name: str, order: str | None, workload: Workload, device: torch.device, *, peers: dict,
                         accel) -> Implementation:
     """Build one implementation; raises ValueError where the combination cannot run (compile)."""
-    if name == "metatut":
-        return MetatutMAML(name, order, workload, device)
+    if name == "metatut":  # the training command's path: vectorize="auto", each task's graph freed at once
+        return MetatutMAML(name, order, workload, device, per_task_backward=True)
     if name == "metatut-loop":
         return MetatutMAML(name, order, workload, device, vectorize=False)
     if name == "metatut-workers":  # the per-task loop in as many threads as intra-op threads were allowed
         workers = torch.get_num_threads()
         if workers < 2 or device.type != "cpu":
             raise ValueError("metatut-workers needs --threads >= 2 on a CPU (it runs tasks in that many threads)")
-        return MetatutMAML(name, order, workload, device, vectorize=False, task_workers=workers)
+        return MetatutMAML(name, order, workload, device, vectorize=False, task_workers=workers,
+                           per_task_backward=True)
     if name == "metatut-bf16":
-        return MetatutMAML(name, order, workload, device, accel=accel, precision="bfloat16")
+        return MetatutMAML(name, order, workload, device, accel=accel, precision="bfloat16", per_task_backward=True)
     if name == "metatut-compile":
         return MetatutMAML(name, order, workload, device, accel=accel, compiled=True)
     if name in PEER_CLASSES:

@@ -195,7 +195,8 @@ def _build(cfg: TrainConfig, device: torch.device):
     params = init_params(model)
     options = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, loss_fn=loss_fn)
     if cfg.algorithm in ("maml", "fomaml", "anil", "metasgd"):
-        options["task_workers"] = cfg.task_workers
+        # each task's graph is freed as soon as it is differentiated: memory of one task, not of the meta-batch
+        options.update(task_workers=cfg.task_workers, per_task_backward=True)
     if cfg.algorithm in ("maml", "fomaml"):
         objective = fn.maml_objective(model, first_order=cfg.algorithm == "fomaml", **options)
     elif cfg.algorithm == "anil":

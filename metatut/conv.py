@@ -42,7 +42,9 @@ class Conv4(nn.Module):
 
     Input ``[batch, in_channels, image_size, image_size]``; output ``[batch, num_classes]`` logits, or
     ``[batch, embedding_dim]`` features when ``num_classes`` is None. The settings are attributes
-    (``batch_norm``, ``downsample``, ``hidden``, ...) and appear in ``repr(model)``.
+    (``batch_norm``, ``downsample``, ``hidden``, ...) and appear in ``repr(model)``. ``model.fast`` (default
+    True) pools before the ReLU, the same function a little cheaper; ``False`` runs the blocks as the plain
+    ``nn.Sequential`` they are stored as.
     """
 
     def __init__(self, num_classes: int | None = 5, *, hidden: int = 64, in_channels: int = 1,
@@ -83,15 +85,12 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.embedding_dim, num_classes) if num_classes is not None else None
 
     def _features(self, h: Tensor) -> Tensor:
-        # The same function as self.features, computed faster on a CPU: max-pool before ReLU (they commute:
-        # both are monotone, so values and gradient paths are identical; ReLU then touches 4x fewer values),
-        # and max-pool in the channels-last layout, where PyTorch's CPU kernel is several times faster than
-        # in NCHW. Only the pooling: batch norm in channels-last lost precision in float32 (bench/RESULTS.md).
+        # The same function as self.features with max-pool before ReLU: they commute (both are monotone, so
+        # the values and the gradient paths are identical) and ReLU, forward and backward, then touches 4x
+        # fewer values. (Channels-last layouts were tried too and lost: bench/RESULTS.md.)
         for block in self.features:
             for layer in block:
-                if isinstance(layer, nn.MaxPool2d) and h.device.type == "cpu":
-                    h = layer(_channels_last(h)).contiguous()
-                elif not isinstance(layer, nn.ReLU):
+                if not isinstance(layer, nn.ReLU):
                     h = layer(h)
             h = torch.relu(h)
         return h
@@ -107,13 +106,6 @@ class Conv4(nn.Module):
         h = self._features(x) if self.fast else self.features(x)
         h = h.mean(dim=(2, 3)) if self.downsample == "stride" else h.flatten(1)
         return self.head(h) if self.head is not None else h
-
-
-def _channels_last(h: Tensor) -> Tensor:
-    try:
-        return h.contiguous(memory_format=torch.channels_last)
-    except RuntimeError:  # inside torch.func.vmap, which supports only the default layout
-        return h
 
 
 def conv4(num_classes: int | None = 5, *, hidden: int = 64, in_channels: int = 1, image_size: int = 28,

@@ -41,7 +41,7 @@ __all__ = [
     "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective", "MAMLObjective", "msl_weights",
     "summed_loss_objective", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
     "final_layer_names", "meta_gradient", "adaptation_curve", "PER_STEP_PREFIX", "per_step_params",
-    "per_step_buffers", "batch_norm_names", "threaded_meta_loss",
+    "per_step_buffers", "batch_norm_names", "accumulated_meta_loss",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -437,7 +437,7 @@ def _task_meta_loss(model, params, sx, sy, qx, qy, *, weights, functional, loss_
 def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, inner_steps: int = 1,
               first_order: bool = False, adapt_names=None, step_weights=None, checkpoint_steps: bool = False,
               buffers=None, loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto",
-              vmap_chunk_size: int | None = None, task_workers: int = 1) -> Tensor:
+              vmap_chunk_size: int | None = None, task_workers: int = 1, per_task_backward: bool = False) -> Tensor:
     r"""The MAML meta-loss :math:`\frac{1}{T}\sum_t L_{Q_t}(\mathrm{adapt}_t(\theta))` (``reduction='mean'``).
 
     Differentiate it with respect to ``params`` (``.backward()`` or ``torch.autograd.grad``) to get
@@ -457,8 +457,10 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
 
     ``vectorize``: ``'auto'`` (:func:`prefers_vmap`), ``True`` (vmap over tasks) or ``False`` (the per-task
     loop, the reference). ``vmap_chunk_size=c`` runs the vmap path ``c`` tasks at a time, bounding memory.
+    ``per_task_backward=True`` differentiates each task as soon as its loss is built and frees its graph
+    (memory of one task instead of the whole meta-batch, as the training command does), and
     ``task_workers=w`` runs the per-task loop in ``w`` threads, each differentiating its share of the tasks
-    (:func:`threaded_meta_loss`); the loss it returns is then differentiable once.
+    (:func:`accumulated_meta_loss`); with either, the loss returned is differentiable once.
     """
     _check_params(params)
     _check_batch(batch)
@@ -484,9 +486,9 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
             return _task_meta_loss(net, theta, batch.support_x[t], batch.support_y[t], batch.query_x[t],
                                    batch.query_y[t], functional=False, checkpoint_steps=checkpoint_steps, **options)
         check_positive_int("task_workers", task_workers)
-        if task_workers > 1 and batch.num_tasks > 1:
-            return threaded_meta_loss(model, one_task, batch.num_tasks, params, workers=task_workers,
-                                      reduction=reduction)
+        if task_workers > 1 or per_task_backward:
+            return accumulated_meta_loss(model, one_task, batch.num_tasks, params, workers=task_workers,
+                                         per_task=per_task_backward, reduction=reduction)
         losses = torch.stack([one_task(model, t) for t in range(batch.num_tasks)])
     return _reduce(losses, reduction)
 
@@ -504,54 +506,67 @@ class _PrecomputedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():
-            raise RuntimeError("a meta-loss from task_workers > 1 is differentiable once; use task_workers=1 to "
-                               "differentiate it again (create_graph=True)")
+            raise RuntimeError("a meta-loss from task_workers > 1 or per_task_backward=True is differentiable once; "
+                               "use task_workers=1 and per_task_backward=False to differentiate it again "
+                               "(create_graph=True)")
         grads = [grad_output * g for g in ctx.saved_tensors]
         return (None, None, *grads, *([None] * ctx.count))
 
 
-def threaded_meta_loss(model: nn.Module, task_loss_fn: Callable[[nn.Module, int], Tensor], num_tasks: int,
-                       params: Params, *, workers: int, reduction: str = "mean") -> Tensor:
-    """Sum or mean of ``task_loss_fn(model, t)`` over ``t < num_tasks``, computed in ``workers`` threads.
+def accumulated_meta_loss(model: nn.Module, task_loss_fn: Callable[[nn.Module, int], Tensor], num_tasks: int,
+                          params: Params, *, workers: int = 1, per_task: bool = True,
+                          reduction: str = "mean") -> Tensor:
+    """Sum or mean of ``task_loss_fn(model, t)`` over ``t < num_tasks``, differentiated as it is computed.
 
-    Each thread takes a contiguous share of the tasks, builds their losses and differentiates them
-    (``torch.autograd.grad``) itself, so the backward passes run in parallel too; the result carries the
-    summed gradient with respect to ``params`` for a later ``backward()``. PyTorch releases the GIL inside
-    its kernels, so on a CPU this runs ``workers`` small per-task problems at once, where splitting each
-    small operation across cores (intra-op threads) scales poorly. Intra-op threads are set to 1 while the
-    workers run and restored afterwards. The gradient equals the single-threaded loop's up to the order of
-    floating-point summation. ``functional_call`` swaps tensors into the module it is given, so each
-    thread gets its own copy of ``model`` (hence models with buffers, which would be updated in the copies
-    only, are refused).
+    The gradient with respect to ``params`` is accumulated here (``torch.autograd.grad``) and handed to a
+    later ``backward()`` by the returned loss, which is therefore differentiable once. ``per_task=True``
+    differentiates each task as soon as its loss exists, so only one task's graph is alive at a time
+    (memory of one task, not of the meta-batch); ``False`` differentiates each worker's share at once.
+
+    ``workers > 1`` splits the tasks into contiguous shares computed in that many threads (PyTorch
+    releases the GIL inside its kernels, so the shares run in parallel on a CPU); intra-op threads are
+    set to 1 while they run and restored afterwards. ``functional_call`` swaps tensors into the module it
+    is given, so each thread gets its own copy of ``model`` (models with buffers, which would then be
+    updated in a copy only, are refused). The gradient equals the loop's up to the order of summation.
     """
     _check_reduction(reduction)
     check_positive_int("workers", workers)
-    if any(True for _ in model.buffers()):
+    workers = min(workers, num_tasks)
+    if workers > 1 and any(True for _ in model.buffers()):
         raise ValueError("task_workers > 1 needs a model without buffers (e.g. batch norm with batch statistics); "
                          "this one has running statistics: use task_workers=1")
-    workers = min(workers, num_tasks)
     leaves = [p for p in params.values() if isinstance(p, Tensor) and p.requires_grad]
     differentiate = torch.is_grad_enabled() and bool(leaves)
     shares = [range(i * num_tasks // workers, (i + 1) * num_tasks // workers) for i in range(workers)]
-
     copies = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
 
     def run(worker: int):
         net, share = copies[worker], shares[worker]
-        with torch.set_grad_enabled(differentiate):
-            losses = torch.stack([task_loss_fn(net, t) for t in share])
-            if not differentiate:
-                return losses, None
-            grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
-            return losses.detach(), grads
+        if not differentiate:
+            with torch.no_grad():
+                return torch.stack([task_loss_fn(net, t) for t in share]), None
+        with torch.enable_grad():
+            if not per_task:
+                losses = torch.stack([task_loss_fn(net, t) for t in share])
+                return losses.detach(), torch.autograd.grad(losses.sum(), leaves, materialize_grads=True)
+            losses, total = [], None
+            for t in share:
+                loss = task_loss_fn(net, t)
+                grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
+                total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+                losses.append(loss.detach())
+            return torch.stack(losses), total
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metatut-task") as pool:
-            results = list(pool.map(run, range(workers)))
-    finally:
-        torch.set_num_threads(threads)
+    if workers == 1:
+        results = [run(0)]
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metatut-task") as pool:
+                results = list(pool.map(run, range(workers)))
+        finally:
+            torch.set_num_threads(threads)
     value = _reduce(torch.cat([losses for losses, _ in results]), reduction)
     if not differentiate:
         return value

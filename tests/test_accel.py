@@ -235,3 +235,27 @@ def test_training_command_refuses_compile_for_the_second_order_loop(tmp_path):
     with pytest.raises(ConfigError, match="compile: compile=True needs the vmap path or first-order"):
         train(cfg)
     assert not (tmp_path / "run").exists()                 # refused before any work or file
+
+
+def test_per_task_backward_frees_each_task_graph_and_gives_the_loop_gradient():
+    import weakref
+    model = mt.conv4(3, hidden=4, seed=0).double()
+    params = mt.init_params(model)
+    batch = _episodes(tasks=4, dtype=torch.float64)
+    alive = {}
+    for per_task in (False, True):
+        saved = []
+
+        def pack(tensor):
+            saved.append(weakref.ref(tensor))
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = mt.maml_loss(model, params, batch, inner_lr=0.4, loss_fn=F.cross_entropy, vectorize=False,
+                                per_task_backward=per_task)
+        alive[per_task] = sum(1 for ref in saved if ref() is not None and ref().numel() > 1000)
+        loss.backward()
+        alive[per_task, "grad"] = torch.cat([p.grad.flatten() for p in params.values()])
+        for p in params.values():
+            p.grad = None
+    assert alive[False] > 20 and alive[True] == 0       # the graph path holds every task's activations
+    assert _rel(alive[True, "grad"], alive[False, "grad"]) < 1e-12
