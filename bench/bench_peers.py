@@ -66,6 +66,8 @@ except ImportError:  # not installed: use the checkout this script lives in
     sys.path.insert(0, str(BENCH_DIR.parent))
     import metatut as mt
 
+from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
+
 META_LR = 1e-3
 WORKLOADS = ("W1", "W2", "W3")
 ORDERS = ("second", "first")
@@ -600,17 +602,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def load_average() -> str:

@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
+
 import metatut as mt
 
 INNER_LR = 0.01
@@ -69,17 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------- header
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def header(device: torch.device, dtype: torch.dtype, args) -> list[str]:
     lines = [
         f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores visible)",
