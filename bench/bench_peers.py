@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -67,6 +66,7 @@ except ImportError:  # not installed: use the checkout this script lives in
     import metatut as mt
 
 from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
+from metatut.timing import Timing, interleaved_timings, synchronize
 
 META_LR = 1e-3
 WORKLOADS = ("W1", "W2", "W3")
@@ -292,7 +292,7 @@ class Implementation:
     def __init__(self, name: str, order: str | None, workload: Workload, device: torch.device):
         self.name, self.order, self.workload, self.device = name, order, workload, device
         self.first_order = order == "first"
-        self.times: list[float] = []  # seconds per iteration, one entry per round
+        self.timing: Timing | None = None  # seconds per iteration over the rounds (metatut.timing)
         self.iteration = 0
         self.calls = 0
         self.first_call_s: float | None = None
@@ -554,18 +554,6 @@ def make_implementation(name: str, order: str | None, workload: Workload, device
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def proc_status_mb(field_name: str) -> float | None:
     """A memory field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak) in MB; None off Linux."""
     try:
@@ -706,7 +694,8 @@ def run_gate(impls: list[Implementation], workload: Workload, device, peers, acc
 
 # -------------------------------------------------------------------------------------------- timing
 def run_timing(impls: list[Implementation], warmup: int, iters: int, rounds: int, device) -> None:
-    """Warm-up, then ``rounds`` rounds of ``iters`` iterations each, order rotated every round."""
+    """Warm-up (timed apart, for the log), then :func:`metatut.timing.interleaved_timings`: ``rounds`` rounds
+    of ``iters`` iterations each, order rotated every round, with the garbage collector paused."""
     for impl in impls:
         start = time.perf_counter()
         for _ in range(warmup):
@@ -716,21 +705,13 @@ def run_timing(impls: list[Implementation], warmup: int, iters: int, rounds: int
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for r in range(rounds):
-            round_start = time.perf_counter()
-            shift = r % len(impls)
-            for impl in impls[shift:] + impls[:shift]:
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(iters):
-                    impl.step()
-                synchronize(device)
-                impl.times.append((time.perf_counter() - start) / iters)
-            gc.collect()
-            progress(f"  round {r + 1}/{rounds}: {time.perf_counter() - round_start:.1f} s")
+        results = interleaved_timings({impl.label: impl.step for impl in impls}, rounds=rounds, iters=iters,
+                                      warmup=0, device=device, desc="timing rounds")
     finally:
         if gc_was_enabled:
             gc.enable()
+    for impl in impls:
+        impl.timing = results[impl.label]
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -789,8 +770,8 @@ def measure_memory(impl: Implementation, workload: Workload, args) -> dict:
 def workload_report(workload: Workload, impls: list[Implementation], gate: dict, memory: dict, skipped: list[str],
                     timing: tuple[int, int, int], device: torch.device, loads: tuple[str, str]) -> list[str]:
     warmup, iters, rounds = timing
-    medians = {impl: quartiles(impl.times)[1] for impl in impls if impl.times}
-    floor = next((impl for impl in impls if impl.name == "floor-per-task" and impl.times), None)
+    medians = {impl: impl.timing.median for impl in impls if impl.timing}
+    floor = next((impl for impl in impls if impl.name == "floor-per-task" and impl.timing), None)
     memory_unit = "peak CUDA MB" if device.type == "cuda" else "peak RSS MB"
     method = (f"Warm-up: {warmup} iteration(s) per implementation; then {rounds} round(s) of {iters} iteration(s) "
               f"per implementation, interleaved round-robin (order rotated each round); median and IQR over rounds. "
@@ -799,9 +780,9 @@ def workload_report(workload: Workload, impls: list[Implementation], gate: dict,
                f"| {memory_unit} | peak − baseline MB |")
     lines = [f"### {workload.title}", "", method, "", columns, "| --- | --- |" + " ---: |" * 6]
     for impl in impls:
-        if not impl.times:
+        if not impl.timing:
             continue
-        q1, q2, q3 = (1e3 * q for q in quartiles(impl.times))
+        q1, q2, q3 = (1e3 * q for q in (impl.timing.q1, impl.timing.median, impl.timing.q3))
         peers_here = [medians[p] for p in impls if p.kind == "peer" and p.order == impl.order and p in medians]
         fastest = f"{min(peers_here) / medians[impl]:.2f}x" if peers_here and impl.kind != "floor" else "–"
         versus_floor = f"{medians[impl] / medians[floor]:.2f}x" if floor is not None else "–"

@@ -26,15 +26,14 @@ import argparse
 import gc
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
 
 import metatut as mt
+from metatut.timing import interleaved_timings
 
 INNER_LR = 0.01
 META_BATCH = 25
@@ -132,7 +131,7 @@ class Implementation:
         self.model = model
         self.params = {k: v.detach().clone().requires_grad_() for k, v in params0.items()}
         self.optimizer = torch.optim.Adam(self.params.values(), lr=META_LR)
-        self.times: list[float] = []  # seconds per iteration, one entry per round
+        self.timing = None  # metatut.timing.Timing: seconds per iteration over the rounds
 
     def step(self, batch: mt.TaskBatch) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,20 +139,6 @@ class Implementation:
                             first_order=self.first_order)
         loss.backward()
         self.optimizer.step()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def main(argv=None) -> int:
@@ -181,34 +166,27 @@ def main(argv=None) -> int:
              for order in ("second", "first")
              for name, vec in (("vmap", True), ("loop", False), ("auto", "auto"))]
 
-    for impl in impls:  # warm-up: allocator, vmap/autograd caches, CPU frequency
-        for i in range(args.warmup):
-            impl.step(batches[i % len(batches)])
-    synchronize(device)
+    def runner(impl: Implementation):
+        counter = iter(range(10**12))
+        return lambda: impl.step(batches[next(counter) % len(batches)])
 
     gc_was_enabled = gc.isenabled()
-    gc.disable()
+    gc.disable()  # warm-up (allocator, vmap/autograd caches, CPU frequency), then interleaved rounds
     try:
-        for r in range(args.rounds):
-            shift = r % len(impls)
-            for impl in impls[shift:] + impls[:shift]:
-                synchronize(device)
-                start = time.perf_counter()
-                for i in range(args.iters):
-                    impl.step(batches[i % len(batches)])
-                synchronize(device)
-                impl.times.append((time.perf_counter() - start) / args.iters)
-            gc.collect()
+        timings = interleaved_timings({f"{impl.name} {impl.order}": runner(impl) for impl in impls},
+                                      rounds=args.rounds, iters=args.iters, warmup=args.warmup, device=device)
     finally:
         if gc_was_enabled:
             gc.enable()
+    for impl in impls:
+        impl.timing = timings[f"{impl.name} {impl.order}"]
 
-    medians = {(impl.name, impl.order): quartiles(impl.times)[1] for impl in impls}
+    medians = {(impl.name, impl.order): impl.timing.median for impl in impls}
     print()
     print("| path | order | median ms / iteration | IQR (ms) | loop / this |")
     print("| --- | --- | ---: | ---: | ---: |")
     for impl in impls:
-        q1, q2, q3 = (1e3 * q for q in quartiles(impl.times))
+        q1, q2, q3 = (1e3 * q for q in (impl.timing.q1, impl.timing.median, impl.timing.q3))
         ratio = medians[("loop", impl.order)] / medians[(impl.name, impl.order)]
         print(f"| {impl.name} | {impl.order} | {q2:.2f} | {q1:.2f} - {q3:.2f} | {ratio:.1f}x |")
     print()

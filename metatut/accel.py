@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .device import pick_device
 
@@ -105,8 +104,8 @@ def maml_device(prefer: str | torch.device | None = None, *, second_order: bool 
     return device
 
 
-def compile_objective(objective: Callable, *, enabled: bool, model: nn.Module | None = None,
-                      vectorized: bool = True, first_order: bool = False) -> Callable:
+def compile_objective(objective: Callable, *, enabled: bool, vectorized: bool = True,
+                      first_order: bool = False) -> Callable:
     """``torch.compile(objective)`` when ``enabled``; the objective unchanged otherwise.
 
     ``vectorized`` says whether the objective runs the vmap path (then both orders compile, since the
@@ -119,10 +118,6 @@ def compile_objective(objective: Callable, *, enabled: bool, model: nn.Module | 
         raise ValueError("compile=True needs the vmap path or first-order MAML: the per-task loop in second order "
                          "differentiates twice through compiled code, which torch.compile does not support")
     compiled = torch.compile(objective)
-    for attribute in ("uses_step",):
-        if hasattr(objective, attribute):
-            try:
-                setattr(compiled, attribute, getattr(objective, attribute))
-            except AttributeError:  # pragma: no cover
-                pass
+    if getattr(objective, "uses_step", False):  # metatut.meta_train then passes step=... (MAMLObjective)
+        compiled.uses_step = True
     return compiled

@@ -4,7 +4,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import metatut as mt
 from metatut import accel

@@ -1,6 +1,5 @@
 """The training loop, evaluation statistics, devices and budget profiles."""
 import math
-import warnings
 
 import pytest
 import torch

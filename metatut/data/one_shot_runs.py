@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..tasks.base import TaskBatch
-from .omniglot import _check_image_size, _open_zip, _Source, decode_png, fetch_zip, omniglot_dir
+from .omniglot import _check_image_size, _Source, decode_png, fetch_zip, omniglot_dir
 
 __all__ = ["HUMAN_ERROR", "BPL_ERROR", "OneShotRuns", "OneShotResult", "load_one_shot_runs",
            "evaluate_one_shot", "pixel_nearest_neighbour"]
