@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # metatut's two entry points. Each sets up (or reuses) the virtual environment first.
 #   bash run.sh lab    set up, then open JupyterLab on the course (extra arguments go to jupyter lab)
-#   bash run.sh test   set up, then run the whole test suite (unit tests, notebooks, exercises)
+#   bash run.sh test   set up, then run the whole test suite (lint, unit tests, notebooks, exercises)
+#   bash run.sh lint   set up, then lint only (ruff: pyflakes and bugbear rules, pyproject.toml)
 # Needs only python3 (>= 3.10) and access to the Python package index.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,7 +22,7 @@ setup() {
     # Reinstall only when the dependency list changed (the stamp holds pyproject.toml's hash).
     local stamp="$VENV/.metatut-deps" want
     want="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PYTHON" -c 'import metatut, torchvision' 2>/dev/null; then
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PYTHON" -c 'import metatut, torchvision' 2>/dev/null || [ ! -x "$VENV/bin/ruff" ]; then
         echo "==> installing metatut and its dependencies into $VENV (first time: a few minutes, ~5 GB)"
         "$PYTHON" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
         "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
@@ -41,9 +42,16 @@ case "${1:-}" in
         exec "$VENV/bin/jupyter" lab --ServerApp.root_dir="$PWD" \
             --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb "${extra[@]}" "$@"
         ;;
+    lint)
+        shift
+        setup
+        exec "$VENV/bin/ruff" check . "$@"
+        ;;
     test)
         shift
         setup
+        echo "==> lint (ruff: pyflakes and bugbear rules)"
+        "$VENV/bin/ruff" check --quiet . || { echo "lint failed: run 'bash run.sh lint' to see the findings" >&2; exit 1; }
         export METATUT_FAST=1                      # the 'ci' budget profile: small, fast runs
         export METATUT_DATA="${METATUT_DATA:-$PWD/data}"
         # Tiny models gain nothing from intra-op threads, and threads oversubscribe the cores when
@@ -57,7 +65,7 @@ case "${1:-}" in
             --nbval-lax --nbval-current-env -p no:cacheprovider "$@"
         ;;
     *)
-        echo "usage: bash run.sh lab|test [extra arguments]" >&2
+        echo "usage: bash run.sh lab|test|lint [extra arguments]" >&2
         exit 2
         ;;
 esac

@@ -435,7 +435,7 @@ class HigherMAML(PeerMAML):
                     (query_loss / tasks).backward()  # per task, as higher's examples do
                     continue
                 grads = torch.autograd.grad(query_loss, list(fnet.parameters()))
-                for p, g in zip(initial, grads):
+                for p, g in zip(initial, grads, strict=True):
                     if p.grad is None:
                         p.grad = g / tasks
                     else:
@@ -484,11 +484,11 @@ class TorchOptMAML(PeerMAML):
             sx, sy, qx, qy = self.task(batch, t)
             params, state = initial, self.inner.init(initial)
             for _ in range(self.workload.inner_steps):
-                support_loss = loss_fn(functional_call(self.net, dict(zip(self.net_names, params)), (sx,)), sy)
+                support_loss = loss_fn(functional_call(self.net, dict(zip(self.net_names, params, strict=True)), (sx,)), sy)
                 grads = torch.autograd.grad(support_loss, params)  # no create_graph: first order
                 updates, state = self.inner.update(grads, state, params=params, inplace=False)
                 params = tuple(lib.apply_updates(params, updates, inplace=False))
-            query_loss = loss_fn(functional_call(self.net, dict(zip(self.net_names, params)), (qx,)), qy)
+            query_loss = loss_fn(functional_call(self.net, dict(zip(self.net_names, params, strict=True)), (qx,)), qy)
             (query_loss / batch.num_tasks).backward()
 
 

@@ -98,7 +98,7 @@ def sample_batches(n: int, device: torch.device, dtype: torch.dtype, seed: int) 
 
 def meta_grad(model, params, batch, *, vectorize, first_order) -> dict[str, torch.Tensor]:
     loss = mt.maml_loss(model, params, batch, inner_lr=INNER_LR, vectorize=vectorize, first_order=first_order)
-    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
 def correctness_gate(model, params, batch, dtype) -> list[str]:
