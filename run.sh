@@ -25,7 +25,7 @@ setup() {
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PYTHON" -c 'import metatut, torchvision' 2>/dev/null || [ ! -x "$VENV/bin/ruff" ]; then
         echo "==> installing metatut and its dependencies into $VENV (first time: a few minutes, ~5 GB)"
         "$PYTHON" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-        "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[course,test]" 2>&1 | grep -v "^WARNING: Location" || true
         "$PYTHON" -c 'import metatut, torch, torchvision, nbval' || { echo "installation failed" >&2; exit 1; }
         echo "$want" > "$stamp"
     fi

@@ -1,4 +1,4 @@
-"""pyproject.toml and environment.yml list the same dependencies with the same bounds."""
+"""pyproject.toml and environment.yml list the same dependencies (library, course and test) with the same bounds."""
 import re
 import pytest
 
@@ -19,7 +19,8 @@ def _split(requirement: str) -> tuple[str, str]:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pip_side = dict(_split(r) for r in project["dependencies"] + project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    pip_side = dict(_split(r) for r in project["dependencies"] + extras["course"] + extras["test"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert env["channels"] == ["conda-forge"]
     conda_side = {}
