@@ -11,8 +11,14 @@ tasks, float64, CPU, well under a second) and compares it with the reference imp
 respect to the parameters (a first-order implementation has the right value but the wrong
 gradient). It also checks the output's type and shape and that the inputs were not modified.
 
-A mistake raises :class:`CheckFailed` (an ``AssertionError``) whose message says what is wrong and,
-where the checker recognises the mistake, how to fix it. Success prints exactly one line.
+A mistake raises :class:`CheckFailed` (an ``AssertionError``): the first line of its message says what
+is wrong, the second starts with ``Hint:`` and, where the checker recognises the mistake, says how to fix
+it. Jupyter shows that message alone, not a traceback through this module (:meth:`CheckFailed._render_traceback_`);
+when the learner's function raised, the message ends with the learner's own lines (``Cell In[n], line k``)
+and the error's last line. Success prints exactly one line.
+
+Numbers a learner might hard-code vary between the fixtures: the inner step size (0.1 and 0.037) and
+the number of shots.
 
 The exercise functions take the model as a pure function ``f(params, x)``
 (:func:`metatut.functional_model`) and parameters as a dict ``{name: tensor}``:
@@ -23,8 +29,13 @@ The exercise functions take the model as a pure function ``f(params, x)``
 """
 from __future__ import annotations
 
+import functools
+import sys
+import sysconfig
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +52,32 @@ _RTOL, _ATOL = 1e-6, 1e-9
 
 
 class CheckFailed(AssertionError):
-    """Raised by a checker: the message says what is wrong and gives a hint."""
+    """Raised by a checker. The message's first line says what is wrong, the second gives a hint.
+
+    Jupyter (IPython) shows only the message, not the traceback through the checker's own code (see
+    :meth:`_render_traceback_`); elsewhere the traceback is cut to the checker's entry point. When the
+    learner's function raised, the message ends with where in their code and the error's last line, and
+    the error itself is :attr:`learner_error`.
+    """
+
+    learner_error: BaseException | None = None
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython and Jupyter show for this exception instead of a traceback: the message alone."""
+        lines = str(self).splitlines() or [type(self).__name__]
+        return ["✘ " + lines[0], *lines[1:]]
+
+
+def _checker(check: Callable[[Callable], None]) -> Callable[[Callable], None]:
+    """Mark a public checker: a failure is raised with its traceback cut to the checker's entry point."""
+    @functools.wraps(check)
+    def run(fn: Callable) -> None:
+        __tracebackhide__ = True  # noqa: F841 (pytest hides this frame)
+        try:
+            return check(fn)
+        except CheckFailed as failure:
+            raise failure.with_traceback(None) from None
+    return run
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -71,9 +107,10 @@ def _projection(params: Params, seed: int) -> Params:
 
 # ------------------------------------------------------------------------------------------- helpers
 def _fail(check: str, message: str, details: str | None = None) -> CheckFailed:
+    """The failure: ``check failed: message`` on the first line, ``details`` (which start with the hint) below."""
     text = f"{check} failed: {message}"
     if details:
-        text += "\n\n" + details
+        text += "\n" + details
     return CheckFailed(text)
 
 
@@ -87,11 +124,63 @@ def _error_hint(err: Exception) -> str:
                 ".item() or numpy on the way.")
     if "size of tensor" in text or "shape" in text or "dimension" in text:
         return "Hint: check the shapes; print x.shape and f(params, x).shape."
-    return "Hint: read the traceback above; the checker called your function with valid inputs."
+    return ("Hint: the checker called your function with valid inputs; your error and the line of your code "
+            "that raised it are below.")
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Folders whose frames are not the learner's code: metatut, torch, the standard library, installed packages."""
+    dirs = {str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent)}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        if sysconfig.get_paths().get(key):
+            dirs.add(str(Path(sysconfig.get_paths()[key]).resolve()))
+    return tuple(dirs)
+
+
+def _code_name(filename: str) -> str:
+    """``Cell In[5]`` for a Jupyter cell (as IPython's tracebacks say), otherwise ``File "path"``."""
+    if "IPython" in sys.modules:
+        try:
+            shell = sys.modules["IPython"].get_ipython()
+            named = shell.compile.format_code_name(filename) if shell is not None else None
+            if named:
+                return f"{named[0]} {named[1]}"
+        except Exception:  # an old IPython or an unusual shell: fall back to the file name
+            pass
+    return f'File "{filename}"'
+
+
+def _where(err: BaseException, limit: int = 3) -> list[str]:
+    """The learner's own frames of ``err``'s traceback (innermost last, at most ``limit``) and its last line."""
+    library = _library_dirs()
+    frames = []
+    for frame in traceback.extract_tb(err.__traceback__):
+        try:
+            path = str(Path(frame.filename).resolve())
+        except (OSError, ValueError):
+            path = frame.filename
+        if not path.startswith(library):
+            frames.append(frame)
+    lines = []
+    if frames:
+        lines.append("In your code:")
+        for frame in frames[-limit:]:
+            lines.append(f"  {_code_name(frame.filename)}, line {frame.lineno}, in {frame.name}")
+            if frame.line:
+                lines.append(f"    {frame.line.strip()}")
+    last = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()
+    if len(last) > 8:
+        last = last[:7] + ["..."]
+    return lines + last
 
 
 def _call(check: str, fn: Callable, *args, hint: Callable[[Exception], str] = _error_hint):
-    """Call the learner's function; turn its exceptions into CheckFailed with ``hint(err)``."""
+    """Call the learner's function; turn its exceptions into CheckFailed with ``hint(err)``.
+
+    The failure shows the hint first, then where in the learner's code the error was raised and its last
+    line; the error itself is the failure's ``learner_error`` (not chained: Python would print the whole
+    traceback through the checker again).
+    """
     try:
         return fn(*args)
     except NotImplementedError:
@@ -100,8 +189,11 @@ def _call(check: str, fn: Callable, *args, hint: Callable[[Exception], str] = _e
                            "then run this check again.") from None
     except CheckFailed:
         raise
-    except Exception as err:  # the learner's bug: show it, with a hint
-        raise _fail(check, f"your function raised {type(err).__name__}: {err}", hint(err)) from err
+    except Exception as err:  # the learner's bug: the hint, then where it happened
+        failure = _fail(check, f"your function raised {type(err).__name__}.",
+                        hint(err) + "\n\n" + "\n".join(_where(err)))
+        failure.learner_error = err
+    raise failure from None
 
 
 def _snapshot(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -156,22 +248,25 @@ def _first_match(value: Tensor, candidates: list[tuple[Tensor, str]]) -> str | N
 
 def _expect_scalar_tensor(check: str, out, per_task_shape: tuple[int, ...], full_shape: tuple[int, ...]) -> None:
     if not isinstance(out, Tensor):
-        hint = (" (did you call .item() or float()? that also cuts the gradient)"
-                if isinstance(out, (int, float)) else "")
-        raise _fail(check, f"expected a 0-dim torch.Tensor, got {type(out).__name__}{hint}.")
+        hint = ("Hint: did you call .item() or float()? That also cuts the gradient: return the tensor itself."
+                if isinstance(out, (int, float)) else
+                "Hint: return the loss tensor itself (no .item(), no list, no tuple).")
+        raise _fail(check, f"expected a 0-dim torch.Tensor, got {type(out).__name__}.", hint)
     if tuple(out.shape) == per_task_shape:
         raise _fail(check, f"you returned one loss per task (shape {tuple(out.shape)}); "
                            "the function must return a single number.",
                     "Hint: reduce over the task dimension as the formula says.")
     if tuple(out.shape) == full_shape:
         raise _fail(check, f"you returned the per-example errors (shape {tuple(out.shape)}); reduce them to "
-                           "a single number.")
+                           "a single number.", "Hint: average over each task's examples, then reduce over tasks "
+                                               "as the formula says.")
     if out.dim() != 0:
         raise _fail(check, f"expected a 0-dim tensor (a scalar), got shape {tuple(out.shape)}.",
                     "Hint: .mean() and .sum() without a dim return a 0-dim tensor; "
                     ".squeeze() removes size-1 dims.")
     if not out.is_floating_point():
-        raise _fail(check, f"expected a floating-point tensor, got {out.dtype}.")
+        raise _fail(check, f"expected a floating-point tensor, got {out.dtype}.",
+                    "Hint: compute the loss with floating-point operations on f(params, x); no rounding or casts.")
 
 
 def _gradients(check: str, out: Tensor, params: Params, what: str) -> list[Tensor]:
@@ -185,7 +280,7 @@ def _gradients(check: str, out: Tensor, params: Params, what: str) -> list[Tenso
         raise _fail(check, f"{what} does not depend on params: it was built from copies cut off from them.",
                     "Hint: use the tensors in params directly; no .detach(), .clone().requires_grad_() "
                     "or torch.tensor(...) re-wrapping.")
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)]
 
 
 def _flat(tensors) -> Tensor:
@@ -200,10 +295,11 @@ def _mse_grad(f, params: Params, x: Tensor, y: Tensor, *, reduction: str = "mean
 
 
 def _step(params: Params, grads: list[Tensor], lr: float) -> Params:
-    return {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+    return {k: p - lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
 
 
 # ------------------------------------------------------------------------------ 1. summed task loss
+@_checker
 def check_summed_task_loss(fn: Callable) -> None:
     r"""Check ``fn(f, params, x, y)`` = :math:`\sum_t \frac{1}{K}\sum_k (f(\theta, x_{tk}) - y_{tk})^2`.
 
@@ -255,95 +351,127 @@ def check_summed_task_loss(fn: Callable) -> None:
 
 
 # ------------------------------------------------------------------------------------ 2. inner step
+def _fitted_step_hint(got: Tensor, theta: Tensor, step: Tensor, lr: float, shots: int,
+                      name: str = "inner_lr") -> str | None:
+    """A hint when ``got = theta - c * step`` for a constant ``c`` other than ``lr``: a number was hard-coded.
+
+    ``step`` is the update direction that ``lr`` multiplies (flat). A fixed divisor instead of the number of
+    shots gives ``c = lr * shots / divisor``; a fixed step size gives any other ``c``.
+    """
+    norm = float((step * step).sum())
+    if norm == 0.0:
+        return None
+    c = float(((theta - got) * step).sum()) / norm
+    if abs(c - lr) <= 1e-6 * abs(lr) or not _close(got, theta - c * step):
+        return None
+    for divisor in range(2, 101):
+        if divisor != shots and abs(c - lr * shots / divisor) <= 1e-6 * abs(c):
+            return (f"you divided the summed squared error by {divisor}, but this task has {shots} shots: use "
+                    "F.mse_loss (the mean over the shots) or divide by x.shape[0]; never by a fixed number.")
+    return (f"your step is {c:.4g} times the gradient, but {name} is {lr:g} here: use the {name} argument, not "
+            "a fixed number (the checker tries more than one value).")
+
+
+def _probe_dict(params: Params, out: Params, w: Params) -> Tensor:
+    return sum((out[k] * w[k]).sum() for k in params)
+
+
+@_checker
 def check_inner_step(fn: Callable) -> None:
     r"""Check ``fn(f, params, x, y, inner_lr, create_graph)`` = :math:`\theta - \alpha\nabla_\theta \mathrm{MSE}`.
 
     ``x, y [shots, 1]`` (one task). The result must be a new dict with the same keys and shapes;
     ``params`` must not be modified. With ``create_graph=True`` the step is differentiable
     (d theta'/d theta = I - alpha H); with ``False`` the gradient is a constant (d theta'/d theta = I).
-    Reference: :func:`metatut.inner_step`.
+    Two tasks with different step sizes and shot counts (0.1 and 5 shots, 0.037 and 3 shots), so that
+    neither may be hard-coded. Reference: :func:`metatut.inner_step`.
     """
     check = "check_inner_step"
-    lr, shots = 0.1, 5
-    fx = _fixture(0, 1, shots, shots)
-    f, params = fx.f, fx.params
-    x, y = fx.batch.support_x[0], fx.batch.support_y[0]
-    w = _projection(params, seed=1)
-    for create_graph in (True, False):
-        before_params, before_xy = _snapshot(params), _snapshot({"x": x, "y": y})
-        out = _call(check, fn, f, params, x, y, lr, create_graph)
-        _expect_unchanged(check, "params", params, before_params)
-        if out is params:
-            raise _fail(check, "you returned the params dict itself.",
-                        "Hint: return a NEW dict {name: p - inner_lr * g}; leave params untouched.")
-        _expect_unchanged(check, "the data", {"x": x, "y": y}, before_xy)
-        if not isinstance(out, dict):
-            raise _fail(check, f"expected a dict {{name: tensor}}, got {type(out).__name__}.",
-                        "Hint: zip the names of params with the gradients: "
-                        "{k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}.")
-        if set(out) != set(params):
-            raise _fail(check, f"expected the keys {list(params)}, got {list(out)}.",
-                        "Hint: keep the same names as params.")
-        out = {k: out[k] for k in params}
-        for k, v in out.items():
-            if not isinstance(v, Tensor) or v.shape != params[k].shape:
-                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise _fail(check, f"theta'[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, got {got}.")
+    cases = ((0, 5, 0.1), (1, 3, 0.037))   # seed, shots, inner_lr
+    for seed, shots, lr in cases:
+        fx = _fixture(seed, 1, shots, shots)
+        f, params = fx.f, fx.params
+        x, y = fx.batch.support_x[0], fx.batch.support_y[0]
+        w = _projection(params, seed=seed + 1)
+        for create_graph in (True, False):
+            where = f"inner_lr={lr:g}, {shots} shots, create_graph={create_graph}"
+            before_params, before_xy = _snapshot(params), _snapshot({"x": x, "y": y})
+            out = _call(check, fn, f, params, x, y, lr, create_graph)
+            _expect_unchanged(check, "params", params, before_params)
+            if out is params:
+                raise _fail(check, "you returned the params dict itself.",
+                            "Hint: return a NEW dict {name: p - inner_lr * g}; leave params untouched.")
+            _expect_unchanged(check, "the data", {"x": x, "y": y}, before_xy)
+            if not isinstance(out, dict):
+                raise _fail(check, f"expected a dict {{name: tensor}}, got {type(out).__name__}.",
+                            "Hint: zip the names of params with the gradients: "
+                            "{k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}.")
+            if set(out) != set(params):
+                raise _fail(check, f"expected the keys {list(params)}, got {list(out)}.",
+                            "Hint: keep the same names as params.")
+            out = {k: out[k] for k in params}
+            for k, v in out.items():
+                if not isinstance(v, Tensor) or v.shape != params[k].shape:
+                    got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                    raise _fail(check, f"theta'[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, "
+                                       f"got {got}.",
+                                "Hint: theta'[k] = params[k] - inner_lr * (the gradient for params[k]): one "
+                                "gradient per parameter, each shaped like its parameter.")
 
-        reference = functional.inner_step(fx.model, params, x, y, lr, create_graph=create_graph)
-        if not _close(_flat(out.values()), _flat(reference.values())):
-            g = _mse_grad(f, params, x, y)
-            g_sum = _mse_grad(f, params, x, y, reduction="sum")
-            theta = {k: p.detach() for k, p in params.items()}
-            candidates = [
-                (_step(theta, g, -lr), "wrong sign: step down the gradient, theta' = theta - inner_lr * grad."),
-                (_step(theta, g, 1.0), "you forgot to multiply the gradient by inner_lr."),
-                (_step(theta, g_sum, lr), f"your step is {shots}x too large: the loss is the MEAN squared error "
-                                          "over the shots (F.mse_loss), not the sum."),
-                (theta, "theta' equals theta: apply the step, theta' = theta - inner_lr * grad."),
-                ({k: lr * v for k, v in zip(params, g)}, "you returned the step inner_lr * grad; return "
-                                                         "theta - inner_lr * grad."),
-                ({k: -lr * v for k, v in zip(params, g)}, "you returned -inner_lr * grad; add theta: "
-                                                          "theta' = theta - inner_lr * grad."),
-                (dict(zip(params, g)), "you returned the gradient; return theta - inner_lr * grad."),
-            ]
-            hint = _first_match(_flat(out.values()), [(_flat(c.values()), h) for c, h in candidates])
-            hint = hint or "theta' = theta - inner_lr * (gradient of F.mse_loss(f(params, x), y))."
-            raise _mismatch(check, _flat(out.values()), _flat(reference.values()),
-                            f"theta' is wrong (create_graph={create_graph}).", f"Hint: {hint}")
+            reference = functional.inner_step(fx.model, params, x, y, lr, create_graph=create_graph)
+            got, expected = _flat(out.values()), _flat(reference.values())
+            if not _close(got, expected):
+                g = _mse_grad(f, params, x, y)
+                g_sum = _mse_grad(f, params, x, y, reduction="sum")
+                theta = {k: p.detach() for k, p in params.items()}
+                candidates = [
+                    (_step(theta, g, -lr), "wrong sign: step down the gradient, theta' = theta - inner_lr * grad."),
+                    (_step(theta, g, 1.0), "you forgot to multiply the gradient by inner_lr."),
+                    (_step(theta, g_sum, lr), f"your step is {shots}x too large: the loss is the MEAN squared "
+                                              "error over the shots (F.mse_loss), not the sum."),
+                    (theta, "theta' equals theta: apply the step, theta' = theta - inner_lr * grad."),
+                    ({k: lr * v for k, v in zip(params, g, strict=True)},
+                     "you returned the step inner_lr * grad; return theta - inner_lr * grad."),
+                    ({k: -lr * v for k, v in zip(params, g, strict=True)},
+                     "you returned -inner_lr * grad; add theta: theta' = theta - inner_lr * grad."),
+                    (dict(zip(params, g, strict=True)), "you returned the gradient; return theta - inner_lr * grad."),
+                ]
+                hint = (_first_match(got, [(_flat(c.values()), h) for c, h in candidates])
+                        or _fitted_step_hint(got, _flat(theta.values()), _flat(g), lr, shots)
+                        or "theta' = theta - inner_lr * (gradient of F.mse_loss(f(params, x), y)).")
+                raise _mismatch(check, got, expected, f"theta' is wrong ({where}).", f"Hint: {hint}")
 
-        # The probe s = sum_k <w_k, theta'_k> has gradient w - lr * H w (second order) or w (first order).
-        probe = sum((out[k] * w[k]).sum() for k in params)
-        ref_probe = sum((reference[k] * w[k]).sum() for k in params)
-        expected = _flat(torch.autograd.grad(ref_probe, list(params.values())))
-        first_order = _flat(w.values())
-        if not isinstance(probe, Tensor) or not probe.requires_grad:
-            if create_graph:
-                raise _fail(check, "theta' is not connected to params: no gradient can flow through the step.",
-                            "Hint: don't detach or use torch.no_grad(); compute theta - inner_lr * grad from "
-                            "the params tensors themselves.")
-            raise _fail(check, "with create_graph=False theta' must still depend on theta through its first "
-                               "term (first-order MAML needs that path): only the gradient is a constant.",
-                        "Hint: return {k: p - inner_lr * g} without detaching p or the result.")
-        got = _flat(_gradients(check, probe, params, "theta'"))
-        if not _close(got, expected):
-            if create_graph and _close(got, first_order):
-                hint = ("the inner gradient is treated as a constant: did you pass create_graph=True to "
-                        "torch.autograd.grad (create_graph=create_graph)?")
-            elif not create_graph and _close(got, _second_order_probe(fx, params, x, y, lr, w)):
-                hint = ("with create_graph=False the inner gradient must be a constant (first-order MAML), but "
-                        "yours is differentiated through. Pass create_graph=create_graph to torch.autograd.grad "
-                        "instead of always True.")
-            elif _close(got, expected - first_order):
-                hint = ("the path through the first term theta is missing: don't detach theta, use "
-                        "p - inner_lr * g with p taken from params.")
-            else:
-                hint = ("theta' = theta - inner_lr * grad must be built from params and the gradient of "
-                        "F.mse_loss(f(params, x), y) with torch.autograd.grad(..., create_graph=create_graph).")
-            raise _mismatch(check, got, expected, f"the value matches but the gradient through theta' does not "
-                                                  f"(create_graph={create_graph}).", f"Hint: {hint}")
-    print(f"✔ {check} passed: theta' matches the reference; differentiable (second order) with "
-          "create_graph=True, first order with False; params untouched.")
+            # The probe s = sum_k <w_k, theta'_k> has gradient w - lr * H w (second order) or w (first order).
+            probe = _probe_dict(params, out, w)
+            expected = _flat(torch.autograd.grad(_probe_dict(params, reference, w), list(params.values())))
+            first_order = _flat(w.values())
+            if not isinstance(probe, Tensor) or not probe.requires_grad:
+                if create_graph:
+                    raise _fail(check, "theta' is not connected to params: no gradient can flow through the step.",
+                                "Hint: don't detach or use torch.no_grad(); compute theta - inner_lr * grad from "
+                                "the params tensors themselves.")
+                raise _fail(check, "with create_graph=False theta' must still depend on theta through its first "
+                                   "term (first-order MAML needs that path): only the gradient is a constant.",
+                            "Hint: return {k: p - inner_lr * g} without detaching p or the result.")
+            got = _flat(_gradients(check, probe, params, "theta'"))
+            if not _close(got, expected):
+                if create_graph and _close(got, first_order):
+                    hint = ("the inner gradient is treated as a constant: did you pass create_graph=True to "
+                            "torch.autograd.grad (create_graph=create_graph)?")
+                elif not create_graph and _close(got, _second_order_probe(fx, params, x, y, lr, w)):
+                    hint = ("with create_graph=False the inner gradient must be a constant (first-order MAML), "
+                            "but yours is differentiated through. Pass create_graph=create_graph to "
+                            "torch.autograd.grad instead of always True.")
+                elif _close(got, expected - first_order):
+                    hint = ("the path through the first term theta is missing: don't detach theta, use "
+                            "p - inner_lr * g with p taken from params.")
+                else:
+                    hint = ("theta' = theta - inner_lr * grad must be built from params and the gradient of "
+                            "F.mse_loss(f(params, x), y) with torch.autograd.grad(..., create_graph=create_graph).")
+                raise _mismatch(check, got, expected, f"the value matches but the gradient through theta' does "
+                                                      f"not ({where}).", f"Hint: {hint}")
+    print(f"✔ {check} passed: theta' matches the reference (inner_lr 0.1 and 0.037, 5 and 3 shots); "
+          "differentiable (second order) with create_graph=True, first order with False; params untouched.")
 
 
 def _second_order_probe(fx: _Fixture, params: Params, x: Tensor, y: Tensor, lr: float, w: Params) -> Tensor:
@@ -374,18 +502,19 @@ def _maml_variant(f, params: Params, batch: TaskBatch, lr: float, *, adapt_on: s
     return torch.stack(losses).mean()
 
 
+@_checker
 def check_maml_loss(fn: Callable) -> None:
     r"""Check ``fn(f, params, batch, inner_lr)`` = :math:`\frac1T\sum_t L_{Q_t}(\theta-\alpha\nabla L_{S_t}(\theta))`.
 
     One inner SGD step per task on its support set (second order: the inner gradient stays in the
     graph), then the mean over tasks of the query MSE at the adapted parameters. The result must be a
     0-dim tensor whose gradient w.r.t. ``params`` is the second-order meta-gradient.
+    Two task batches with different sizes and step sizes (0.1 and 0.037), so that neither may be hard-coded.
     Reference: :func:`metatut.maml_loss` (``inner_steps=1``, ``reduction='mean'``).
     """
     check = "check_maml_loss"
-    lr = 0.1
-    shapes = ((0, 3, 5, 7), (1, 2, 4, 6))
-    for seed, tasks, shots, query_shots in shapes:
+    shapes = ((0, 3, 5, 7, 0.1), (1, 2, 4, 6, 0.037))
+    for seed, tasks, shots, query_shots, lr in shapes:
         fx = _fixture(seed, tasks, shots, query_shots)
         f, params, batch = fx.f, fx.params, fx.batch
         before_params, before_batch = _snapshot(params), _snapshot(_batch_tensors(batch))
@@ -414,6 +543,9 @@ def check_maml_loss(fn: Callable) -> None:
                  "wrong sign in the inner step: theta' = theta - inner_lr * grad."),
                 (_maml_variant(f, params, batch, 1.0),
                  "you forgot to multiply the inner gradient by inner_lr."),
+                *([(_maml_variant(f, params, batch, 0.1),
+                    f"you used a fixed inner step size 0.1, but inner_lr is {lr:g} here: use the inner_lr "
+                    "argument (the checker tries more than one value).")] if lr != 0.1 else []),
                 (_maml_variant(f, params, batch, lr, shared="mean"),
                  "you took one shared inner step on all tasks together: adapt each task separately, "
                  "on its own support set (loop over tasks)."),
@@ -424,8 +556,8 @@ def check_maml_loss(fn: Callable) -> None:
             hint = _first_match(out, candidates) or (
                 "for each task t: theta_t = theta - inner_lr * grad of MSE on (support_x[t], support_y[t]); "
                 "loss_t = MSE of f(theta_t, query_x[t]) vs query_y[t]; return the mean of the loss_t.")
-            raise _mismatch(check, out, reference, f"the value is wrong (expected {reference.item():.6f}, "
-                                                   f"got {out.item():.6f}).", f"Hint: {hint}")
+            raise _mismatch(check, out, reference, f"the value is wrong (inner_lr={lr:g}, {tasks} tasks; expected "
+                                                   f"{reference.item():.6f}, got {out.item():.6f}).", f"Hint: {hint}")
 
         got = _flat(_gradients(check, out, params, "your loss"))
         expected = _flat(torch.autograd.grad(reference, list(params.values())))
@@ -441,7 +573,7 @@ def check_maml_loss(fn: Callable) -> None:
             raise _mismatch(check, got, expected, "the value matches but the meta-gradient does not.",
                             f"Hint: {hint}")
     print(f"✔ {check} passed: value and second-order meta-gradient match metatut.maml_loss "
-          f"on {len(shapes)} task batches.")
+          f"on {len(shapes)} task batches (inner_lr 0.1 and 0.037).")
 
 
 # The checkers of later notebooks live in their own modules (which import the fixtures above); they are

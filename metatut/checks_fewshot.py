@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .checks import CheckFailed
+from .checks import CheckFailed, _checker
 from .protonet import protonet_logits as _reference_logits
 from .protonet import prototypes as _reference_prototypes
 
@@ -48,7 +48,8 @@ def _call(check: str, fn: Callable, *args, shape_hint: str = "print the shapes o
             return f"Hint: {shape_hint}"
         if "generator" in text:
             return "Hint: pass the generator by keyword: torch.randperm(n, generator=generator)."
-        return "Hint: read the traceback above; the checker called your function with valid inputs."
+        return ("Hint: the checker called your function with valid inputs; your error and the line of your "
+                "code that raised it are below.")
     return checks._call(check, fn, *args, hint=hint)
 
 
@@ -112,17 +113,27 @@ def _check_outputs(check: str, out, n: int, k: int, q: int, size: int) -> tuple[
     return sx, sy, qx, qy
 
 
+@_checker
 def check_episode_sampler(fn: Callable) -> None:
-    """Check ``fn(images, n_way, k_shot, q_query, generator)`` (see the module docstring)."""
+    """Check ``fn(images, n_way, k_shot, q_query, generator)`` (see the module docstring).
+
+    The fixture has 24 drawings per class and every episode asks for at most 20 (K + Q), so a sampler that
+    never draws beyond the first K + Q drawings is caught: over the episodes every drawing must be used.
+    Over the episodes the class that gets label 0 must not always be the one with the smallest index (labels
+    in the random order of the draw, not in the dataset's order).
+    """
     check = "check_episode_sampler"
-    classes, per_class, size = 10, 20, 8
+    classes, per_class, size = 10, 24, 8
     images = _images(classes, per_class, size, seed=0)
     lookup = {bytes(images[c, j].numpy()): (c, j) for c in range(classes) for j in range(per_class)}
     original = images.clone()
     configs = ((5, 1, 3), (4, 2, 5), (3, 5, 15))
+    seeds = range(12)
+    episodes = len(configs) * len(seeds)
     chosen_classes, chosen_drawings = set(), set()
+    label_zero_smallest = 0    # episodes in which label 0 went to the smallest class index drawn
     for n, k, q in configs:
-        for seed in range(12):
+        for seed in seeds:
             out = _call(check, fn, images, n, k, q, torch.Generator().manual_seed(seed))
             if not torch.equal(images, original):
                 raise _fail(check, "your function modified the input images.",
@@ -143,14 +154,14 @@ def check_episode_sampler(fn: Callable) -> None:
                 raise _fail(check, f"each label should appear {k} times in support_y and {q} times in query_y.",
                             "K support and Q query pictures per class: repeat_interleave(k_shot) / (q_query).")
             class_of: dict[int, int] = {}
-            for label, (c, _) in zip(sy.tolist(), support):
+            for label, (c, _) in zip(sy.tolist(), support, strict=True):
                 if class_of.setdefault(label, c) != c:
                     raise _fail(check, f"support pictures with label {label} come from different classes.",
                                 "all K support pictures of one label must be drawings of the same class.")
             if len(set(class_of.values())) != n:
                 raise _fail(check, "two labels stand for the same class: the N classes of an episode must be distinct.",
                             "draw the classes without replacement: torch.randperm(classes, generator=generator)[:n_way].")
-            for label, (c, _) in zip(qy.tolist(), query):
+            for label, (c, _) in zip(qy.tolist(), query, strict=True):
                 if class_of[label] != c:
                     raise _fail(check, f"a query picture labelled {label} is a drawing of another class than the "
                                        f"support pictures labelled {label}.",
@@ -159,7 +170,7 @@ def check_episode_sampler(fn: Callable) -> None:
             drawings: dict[int, list[int]] = {}
             for c, j in support + query:
                 drawings.setdefault(c, []).append(j)
-            for c, js in drawings.items():
+            for js in drawings.values():
                 if len(set(js)) != len(js):
                     raise _fail(check, "the same drawing appears twice in one episode: a query picture is also in "
                                        "the support set (or a drawing is repeated).",
@@ -168,20 +179,32 @@ def check_episode_sampler(fn: Callable) -> None:
                                 "go to the support set, the rest to the query set.")
             chosen_classes |= set(class_of.values())
             chosen_drawings |= {j for _, j in support + query}
+            label_zero_smallest += class_of[0] == min(class_of.values())
             again = _call(check, fn, images, n, k, q, torch.Generator().manual_seed(seed))
-            if not all(torch.equal(a, b) for a, b in zip(out, again)):
+            again = _check_outputs(check, again, n, k, q, size)
+            if not all(torch.equal(a, b) for a, b in zip(out, again, strict=True)):
                 raise _fail(check, "two calls with generators seeded alike returned different episodes.",
                             "draw every random number from the `generator` argument "
                             "(torch.randperm(..., generator=generator)), never from the global random state.")
     if len(chosen_classes) < classes:
-        raise _fail(check, f"over {12 * len(configs)} episodes only the classes {sorted(chosen_classes)} were ever "
+        raise _fail(check, f"over {episodes} episodes only the classes {sorted(chosen_classes)} were ever "
                            f"drawn out of {classes}.",
                     "draw the classes at random: torch.randperm(images.shape[0], generator=generator)[:n_way].")
-    if len(chosen_drawings) < per_class:
-        raise _fail(check, f"only the drawings {sorted(chosen_drawings)} of each class were ever used.",
-                    "draw the drawings at random too: torch.randperm(images.shape[1], generator=generator).")
-    print(f"✔ {check} passed: shapes, labels 0..N-1, N distinct classes, no drawing in both support and query, "
-          f"random and reproducible, on {12 * len(configs)} episodes.")
+    if label_zero_smallest == episodes:
+        raise _fail(check, f"in all {episodes} episodes label 0 went to the class with the smallest index: your "
+                           "labels follow the dataset's order, not the random order in which the classes were drawn.",
+                    "don't sort the drawn classes (sorted, .sort(), .unique() and boolean masks all put them in index "
+                    "order): the i-th class of torch.randperm(images.shape[0], generator=generator)[:n_way] gets "
+                    "label i.")
+    never = sorted(set(range(per_class)) - chosen_drawings)
+    if never:
+        raise _fail(check, f"over {episodes} episodes the drawings {never} of each class (out of {per_class}) were "
+                           f"never used; you only ever took drawings {sorted(chosen_drawings)}.",
+                    "draw the K + Q drawings at random from ALL the drawings of the class: "
+                    "torch.randperm(images.shape[1], generator=generator)[:k_shot + q_query] (not the first K + Q, "
+                    "not torch.randperm(k_shot + q_query)).")
+    print(f"✔ {check} passed: shapes, labels 0..N-1 in the order drawn, N distinct classes, every drawing used, "
+          f"none in both support and query, random and reproducible, on {episodes} episodes.")
 
 
 # -------------------------------------------------------------------------------------- ProtoNet logits
@@ -221,6 +244,7 @@ def _variants(support: Tensor, labels: Tensor, query: Tensor, n: int) -> list[tu
     return [(v, h) for v, h in out if v is not None]
 
 
+@_checker
 def check_protonet_logits(fn: Callable) -> None:
     """Check ``fn(support, support_labels, query, n_way)`` (see the module docstring)."""
     check = "check_protonet_logits"
@@ -236,10 +260,11 @@ def check_protonet_logits(fn: Callable) -> None:
             labels = labels[torch.randperm(n * k, generator=generator)]
         before = [t.detach().clone() for t in (support, query, labels)]
         out = _call(check, fn, support, labels, query, n, shape_hint=wrong_dim)
-        if not all(torch.equal(t.detach(), b) for t, b in zip((support, query, labels), before)):
+        if not all(torch.equal(t.detach(), b) for t, b in zip((support, query, labels), before, strict=True)):
             raise _fail(check, "your function modified its inputs.", "no in-place operations on the embeddings.")
         if not isinstance(out, Tensor):
-            raise _fail(check, f"expected a tensor of logits [M, N], got {type(out).__name__}.")
+            raise _fail(check, f"expected a tensor of logits [M, N], got {type(out).__name__}.",
+                        "return one tensor: -((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1).")
         if tuple(out.shape) != (m, n):
             hint = wrong_dim
             if tuple(out.shape) == (n, m):
@@ -259,7 +284,7 @@ def check_protonet_logits(fn: Callable) -> None:
         w = torch.randn(m, n, generator=generator, dtype=torch.float64)
         got = torch.autograd.grad((out * w).sum(), (support, query), allow_unused=True)
         expected = torch.autograd.grad((reference * w).sum(), (support, query))
-        for name, g, e in zip(("support", "query"), got, expected):
+        for name, g, e in zip(("support", "query"), got, expected, strict=True):
             if g is None or not _close(g, e):
                 raise _fail(check, f"the value matches but the gradient with respect to the {name} embeddings does not.",
                             f"don't detach the {name} embeddings or the prototypes: the embedding network is trained "

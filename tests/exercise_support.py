@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import metatut
 from metatut.checks import CheckFailed
 
 EXERCISES = Path(__file__).resolve().parent.parent / "exercises"
+METATUT = Path(metatut.__file__).resolve().parent  # no line of what Jupyter shows may point in here
 
 
 @functools.cache
@@ -37,10 +39,28 @@ def stub(*args):
 
 
 def fails_with(check, fn, phrase: str) -> str:
-    """Assert that ``check(fn)`` fails with a message naming the checker and containing ``phrase``."""
+    """Assert that ``check(fn)`` fails with a message naming the checker and containing ``phrase``.
+
+    The hint comes first: the message's second line starts with "Hint:" (or the first line is the whole
+    story, for the stub), and what Jupyter shows (``_render_traceback_``) starts with the same two lines and
+    shows no frame of the checker's own code.
+    """
     with pytest.raises(CheckFailed) as info:
         check(fn)
     message = str(info.value)
+    lines = message.splitlines()
     assert message.startswith(f"{check.__name__} failed: "), message
+    assert len(lines) == 1 or lines[1].startswith("Hint: "), message
     assert phrase.lower() in message.lower(), message
+    shown = shown_in_jupyter(info.value)
+    assert shown[0] == "✘ " + lines[0] and shown[1:2] == lines[1:2], shown
     return message
+
+
+def shown_in_jupyter(failure: BaseException) -> list[str]:
+    """The lines that IPython (and so Jupyter) shows for ``failure``, checked to name no checker frame."""
+    shown = failure._render_traceback_()
+    assert isinstance(shown, list) and all(isinstance(line, str) for line in shown), shown
+    text = "\n".join(shown)
+    assert str(METATUT) not in text and "Traceback (most recent call last)" not in text, text
+    return shown

@@ -50,7 +50,9 @@ REPTILE_MISTAKES = {
     "returns the mean": (lambda p, a, e: {k: _mean(a, k) for k in p}, "fraction epsilon of the way"),
     "returns the step": (lambda p, a, e: {k: e * (_mean(a, k) - v) for k, v in p.items()}, "add it to theta"),
     "last task only": (lambda p, a, e: {k: v + e * (a[k][-1] - v) for k, v in p.items()}, "last task"),
-    "no task average": (lambda p, a, e: {k: v + e * (a[k] - v) for k, v in p.items()}, "one per task"),
+    "no task average": (lambda p, a, e: {k: v + e * (a[k] - v) for k, v in p.items()}, "one value per task"),
+    "a key missing": (lambda p, a, e: {k: v for k, v in list(reptile_update(p, a, e).items())[1:]},
+                      "keep the same names as params"),
     "in place": (_in_place, "modified params['0.weight'] in place"),
     "returns a list": (lambda p, a, e: list(reptile_update(p, a, e).values()), "expected a dict"),
 }
@@ -60,6 +62,15 @@ REPTILE_MISTAKES = {
 def test_reptile_update_mistakes(mistake):
     fn, phrase = REPTILE_MISTAKES[mistake]
     _fails_with(check_reptile_update, fn, phrase)
+
+
+@pytest.mark.parametrize("order", ["reversed", "sorted"])
+def test_reptile_update_accepts_any_key_order(order, capsys):
+    def other_order(params, adapted, epsilon):
+        keys = reversed(list(params)) if order == "reversed" else sorted(params)
+        return {k: params[k] + epsilon * (adapted[k].mean(0) - params[k]) for k in keys}
+    check_reptile_update(other_order)
+    assert capsys.readouterr().out.startswith("✔ check_reptile_update passed")
 
 
 def test_reptile_update_mutating_adapted_fails():
@@ -79,7 +90,7 @@ def _grads(f, params, x, y, create_graph=True):
 def _step(f, params, alphas, x, y, *, sign=-1.0, rate=None, create_graph=True, detach_alpha=False,
           detach_theta=False):
     out = {}
-    for (k, p), g in zip(params.items(), _grads(f, params, x, y, create_graph)):
+    for (k, p), g in zip(params.items(), _grads(f, params, x, y, create_graph), strict=True):
         a = alphas[k] if rate is None else rate(alphas[k])
         a = a.detach() if detach_alpha else a
         out[k] = (p.detach() if detach_theta else p) + sign * a * g
@@ -104,13 +115,29 @@ META_SGD_MISTAKES = {
     "fully detached": (lambda f, p, a, x, y: {k: v.detach() for k, v in _step(f, p, a, x, y).items()},
                        "not connected"),
     "assigns into params": (lambda f, p, a, x, y: p.update(_step(f, p, a, x, y)) or p, "replaced params"),
+    "shot count hard-coded (divides by 5)": (lambda f, p, a, x, y: _fixed_shots(f, p, a, x, y),
+                                             "divided the summed squared error by 5, but this task has 3 shots"),
 }
+
+
+def _fixed_shots(f, params, alphas, x, y):
+    loss = ((f(params, x) - y) ** 2).sum() / 5   # five shots, always
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    return {k: p - alphas[k] * g for (k, p), g in zip(params.items(), grads, strict=True)}
 
 
 @pytest.mark.parametrize("mistake", sorted(META_SGD_MISTAKES))
 def test_meta_sgd_inner_step_mistakes(mistake):
     fn, phrase = META_SGD_MISTAKES[mistake]
     _fails_with(check_meta_sgd_inner_step, fn, phrase)
+
+
+def test_meta_sgd_inner_step_accepts_any_key_order(capsys):
+    def reversed_keys(f, params, alphas, x, y):
+        out = meta_sgd_inner_step(f, params, alphas, x, y)
+        return {k: out[k] for k in reversed(list(out))}
+    check_meta_sgd_inner_step(reversed_keys)
+    assert capsys.readouterr().out.startswith("✔ check_meta_sgd_inner_step passed")
 
 
 def test_meta_sgd_scalar_step_size_is_recognised():

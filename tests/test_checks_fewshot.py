@@ -26,16 +26,32 @@ def test_exports_and_exception_class():
 
 # ------------------------------------------------------------------------------------ episode sampler
 def _sampler(*, remap=True, leak=False, random_classes=True, use_generator=True, scale=True, channel=True,
-             separate_draws=False):
-    """The solution with one mistake switched on."""
+             separate_draws=False, drawings="random", classes_order="drawn"):
+    """The solution with one mistake switched on.
+
+    drawings: "random" (of all the drawings), "first" (always the first K + Q) or "first-shuffled" (a random
+    order of the first K + Q: torch.randperm(k_shot + q_query)); classes_order: "drawn", "sorted" or "unique"
+    (torch.unique sorts).
+    """
     def sample(images, n_way, k_shot, q_query, generator):
         g = generator if use_generator else None
         classes = torch.randperm(images.shape[0], generator=g)[:n_way] if random_classes else torch.arange(n_way)
+        if classes_order == "sorted":
+            classes = classes.sort().values
+        elif classes_order == "unique":
+            classes = classes.unique()
+        pool = {"random": images.shape[1], "first": None, "first-shuffled": k_shot + q_query}[drawings]
+
+        def draw(count):
+            if pool is None:
+                return torch.arange(count)
+            return torch.randperm(pool, generator=g)[:count]
+
         if separate_draws:     # support and query drawn independently: they can share a drawing
-            s = torch.stack([torch.randperm(images.shape[1], generator=g)[:k_shot] for _ in range(n_way)])
-            q = torch.stack([torch.randperm(images.shape[1], generator=g)[:q_query] for _ in range(n_way)])
+            s = torch.stack([draw(k_shot) for _ in range(n_way)])
+            q = torch.stack([draw(q_query) for _ in range(n_way)])
         else:
-            d = torch.stack([torch.randperm(images.shape[1], generator=g)[:k_shot + q_query] for _ in range(n_way)])
+            d = torch.stack([draw(k_shot + q_query) for _ in range(n_way)])
             s, q = d[:, :k_shot], (d[:, :q_query] if leak else d[:, k_shot:])
         def pictures(index):
             x = images[classes[:, None], index].flatten(0, 1)
@@ -61,9 +77,40 @@ def test_solution_of_the_sampler_is_a_real_sampler():
     (dict(use_generator=False), "seeded alike"),
     (dict(scale=False), "divide the uint8 pictures by 255"),
     (dict(channel=False), "add the channel dimension"),
+    (dict(drawings="first"), "never used"),
+    (dict(drawings="first-shuffled"), "not torch.randperm(k_shot + q_query)"),
+    (dict(classes_order="sorted"), "labels follow the dataset's order"),
+    (dict(classes_order="unique"), "don't sort the drawn classes"),
 ])
 def test_sampler_mistakes_fail_with_a_hint(mistake, phrase):
     _fails_with(check_episode_sampler, _sampler(**mistake), phrase)
+
+
+def test_another_correct_sampler_passes(capsys):
+    def sample(images, n_way, k_shot, q_query, generator):   # random keys sorted instead of randperm
+        classes = torch.rand(images.shape[0], generator=generator).argsort()[:n_way]
+        drawings = torch.rand(n_way, images.shape[1], generator=generator).argsort(dim=1)[:, :k_shot + q_query]
+        pictures = images[classes][torch.arange(n_way)[:, None], drawings].float().div(255).unsqueeze(2)
+        labels = torch.arange(n_way)
+        return (pictures[:, :k_shot].reshape(-1, *pictures.shape[2:]), labels.repeat_interleave(k_shot),
+                pictures[:, k_shot:].reshape(-1, *pictures.shape[2:]), labels.repeat_interleave(q_query))
+    check_episode_sampler(sample)
+    assert capsys.readouterr().out.startswith("✔ check_episode_sampler passed")
+
+
+def test_sampler_fixture_has_more_drawings_than_any_episode_uses():
+    seen = []
+
+    def spy(images, n_way, k_shot, q_query, generator):
+        seen.append((images.shape[1], k_shot + q_query))
+        return sample_episode(images, n_way, k_shot, q_query, generator)
+    check_episode_sampler(spy)
+    assert all(per_class > used for per_class, used in seen)
+
+
+def test_sampler_first_drawings_failure_names_the_unused_ones():
+    message = _fails_with(check_episode_sampler, _sampler(drawings="first"), "never used")
+    assert "[20, 21, 22, 23]" in message
 
 
 def test_sampler_that_modifies_its_input_fails():

@@ -33,7 +33,7 @@
 
 # %%
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401 (your answer may use F.mse_loss)
 
 import metatut as mt
 from metatut.checks import check_summed_task_loss
@@ -81,4 +81,4 @@ loss = summed_task_loss(f, params, batch.support_x, batch.support_y)
 package = mt.summed_task_loss(model, params, batch, use="support")
 grads = torch.autograd.grad(loss, list(params.values()))
 print(f"yours: {loss.item():.4f}   metatut: {package.item():.4f}")
-print("gradient norm per tensor:", {k: round(g.norm().item(), 3) for k, g in zip(params, grads)})
+print("gradient norm per tensor:", {k: round(g.norm().item(), 3) for k, g in zip(params, grads, strict=True)})

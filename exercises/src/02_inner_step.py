@@ -64,7 +64,7 @@ def inner_step(f, params, x, y, inner_lr, create_graph):
     ### BEGIN SOLUTION
     loss = F.mse_loss(f(params, x), y)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-    return {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+    return {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
     ### END SOLUTION
 
 # %% [markdown]
@@ -95,5 +95,5 @@ for create_graph in (True, False):
     adapted = inner_step(f, params, x, y, inner_lr=0.01, create_graph=create_graph)
     query_loss = F.mse_loss(f(adapted, qx), qy)
     meta_grads[create_graph] = torch.autograd.grad(query_loss, list(params.values()))
-difference = sum((a - b).norm() ** 2 for a, b in zip(meta_grads[True], meta_grads[False])) ** 0.5
+difference = sum((a - b).norm() ** 2 for a, b in zip(meta_grads[True], meta_grads[False], strict=True)) ** 0.5
 print(f"|second-order - first-order meta-gradient| = {difference.item():.2e}")

@@ -36,7 +36,7 @@
 
 # %%
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401 (your answer may use F.mse_loss)
 
 import metatut as mt
 from metatut.checks import check_maml_loss
@@ -63,7 +63,7 @@ def maml_loss(f, params, batch, inner_lr):
     for t in range(batch.num_tasks):
         support_loss = F.mse_loss(f(params, batch.support_x[t]), batch.support_y[t])
         grads = torch.autograd.grad(support_loss, list(params.values()), create_graph=True)
-        adapted = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+        adapted = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
         query_losses.append(F.mse_loss(f(adapted, batch.query_x[t]), batch.query_y[t]))
     return torch.stack(query_losses).mean()
     ### END SOLUTION

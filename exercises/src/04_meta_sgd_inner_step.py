@@ -57,7 +57,7 @@ def meta_sgd_inner_step(f, params, alphas, x, y):
     ### BEGIN SOLUTION
     loss = F.mse_loss(f(params, x), y)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-    return {name: p - alphas[name] * g for (name, p), g in zip(params.items(), grads)}
+    return {name: p - alphas[name] * g for (name, p), g in zip(params.items(), grads, strict=True)}
     ### END SOLUTION
 
 # %% [markdown]

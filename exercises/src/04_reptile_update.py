@@ -81,7 +81,7 @@ def test_loss(params):
 
 
 print(f"before meta-training: query MSE after 1 step {test_loss(params):.3f}")
-for step in range(1, iterations + 1):
+for _ in range(iterations):
     batch = tasks.sample(25, 10, 10, generator=generator)
     x = torch.cat([batch.support_x, batch.query_x], 1)
     y = torch.cat([batch.support_y, batch.query_y], 1)
