@@ -1,15 +1,54 @@
-"""Checkpoints: parameters, optimiser state and configuration, written atomically, loaded safely."""
+"""Checkpoints: parameters, optimiser state and configuration, written atomically, loaded safely.
+
+Writing goes through :func:`metatut.fileio.atomic_save` (exclusive temporary file, fsync, rename), and
+:func:`save_checkpoint` first deletes the temporaries that a writer killed between the fsync and the
+rename left next to the checkpoint. Loading uses ``torch.load(weights_only=True)`` and turns every way a
+file can be damaged or foreign into one error class, :class:`CheckpointError`, that names the file, what is
+wrong and what to do.
+"""
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
 
+from .fileio import atomic_save, remove_stale_temporaries
 from .models import Params
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_save"]
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_save", "CheckpointError", "UnsafeCheckpointError"]
+
+_WHAT_TO_DO = "delete it and start a fresh run, or resume from a copy"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated, empty, not a torch file, not a metatut checkpoint,
+    or holding entries of the wrong kind. The message names the file, what is wrong and what to do.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> bad = pathlib.Path(tempfile.mkdtemp()) / "ckpt.pt"
+        >>> _ = bad.write_bytes(b"")
+        >>> try:
+        ...     load_checkpoint(bad)
+        ... except CheckpointError as err:
+        ...     print(type(err).__name__, "ckpt.pt is empty" in str(err))
+        CheckpointError True
+    """
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint that holds objects other than tensors and plain data, refused by
+    ``torch.load(weights_only=True)`` (loading it fully could run arbitrary code)."""
+
+
+def _fail(path: Path, what: str, kind: type[CheckpointError] = CheckpointError, todo: str = _WHAT_TO_DO
+          ) -> CheckpointError:
+    shown = f"{path} (a symlink to {os.path.realpath(path)})" if path.is_symlink() else str(path)
+    return kind(f"checkpoint {shown} {what}; {todo}")
 
 FORMAT_VERSION = 1
 _PLAIN = (str, int, float, bool, type(None))
@@ -41,28 +80,13 @@ def _to_cpu(value):
     return value
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch.optim.Optimizer | None = None,
                     config: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
     """Save ``params`` (detached, on CPU), the optimiser's state, a plain-data ``config`` and ``step``.
 
     ``extra`` holds anything else needed to resume exactly (tensors such as RNG states, plain data).
+    The file is replaced atomically (a reader, or a run killed at any instant, sees the old checkpoint or
+    the new one); temporaries of earlier writers of ``path`` that were killed before renaming are deleted.
     """
     config = dict(config or {})
     _check_config(config)
@@ -77,6 +101,8 @@ def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch
         "extra": extra,
         "torch_version": str(torch.__version__),
     }
+    path = Path(path)
+    remove_stale_temporaries(path.parent)
     return atomic_save(state, path)
 
 
@@ -87,17 +113,97 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, optimizer: torch.op
     Returns ``{'params', 'config', 'step', 'optimizer', 'extra'}``; ``params`` are leaf tensors on ``device``.
     When ``optimizer`` is given its state is restored (build it over the returned params first with
     ``load_checkpoint(path)['params']``, or pass one built over tensors of the same shapes).
+
+    Raises :class:`FileNotFoundError` if there is no file at ``path``, :class:`UnsafeCheckpointError` (a
+    :class:`CheckpointError` and a :class:`pickle.UnpicklingError`) if it holds objects that are not
+    tensors or plain data, and :class:`CheckpointError` for anything else wrong with it (a folder, an
+    empty or truncated file, random bytes, another program's file, missing or mistyped entries, optimiser
+    state that does not fit ``optimizer``).
     """
     path = Path(path)
+    if not path.exists():
+        broken = f" (a broken symlink to {os.readlink(path)})" if path.is_symlink() else ""
+        raise FileNotFoundError(f"no checkpoint at {path}{broken}")
+    if path.is_dir():
+        raise _fail(path, "is a folder, not a checkpoint file (pass the path of the .pt file in it)")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "params" not in state:
-        raise ValueError(f"{path} is not a metatut checkpoint (format {FORMAT_VERSION})")
+        raise _fail(path, "is not a regular file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise _fail(path, f"cannot be read ({err.strerror or err})",
+                    todo=f"fix its permissions, or {_WHAT_TO_DO}") from err
+    if size == 0:
+        raise _fail(path, "is empty (0 bytes): the run that wrote it was killed or the disk was full")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        after = message.split("WeightsUnpickler error:", 1)[-1]
+        detail = next((line.strip() for line in after.splitlines()
+                       if line.strip() and "Weights only load failed" not in line), "")
+        if "global" in detail.lower() or "Unsupported class" in detail:
+            raise _fail(path, "holds objects other than tensors and plain data, which "
+                        f"torch.load(weights_only=True) refuses to unpickle ({detail[:300]}): loading it fully "
+                        "could run arbitrary code", UnsafeCheckpointError,
+                        todo=f"do not load it unless you wrote it yourself; {_WHAT_TO_DO}") from err
+        raise _fail(path, "is truncated or not a torch checkpoint (torch.load(weights_only=True) cannot read it: "
+                    f"{detail[:200] or type(err).__name__})") from err
+    except Exception as err:  # EOFError, OSError, RuntimeError (bad zip), KeyError, IndexError, ...: damaged bytes
+        reason = str(err).split(". ")[0][:200] or "no details"
+        raise _fail(path, f"is truncated or not a torch checkpoint ({type(err).__name__}: {reason})") from err
+    _check_state(path, state, requires_grad)
     params = {k: v.to(device).requires_grad_(requires_grad) for k, v in state["params"].items()}
     if optimizer is not None:
         if state["optimizer"] is None:
-            raise ValueError(f"{path} holds no optimizer state")
-        optimizer.load_state_dict(state["optimizer"])
+            raise CheckpointError(f"{path} holds no optimizer state (it was saved without optimizer=); load it "
+                                  "without optimizer= and start the optimizer afresh, or resume from a checkpoint "
+                                  "that has one")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            raise CheckpointError(f"the optimizer state in checkpoint {path} does not fit this optimizer "
+                                  f"({type(err).__name__}: {err}); build the optimizer over "
+                                  "load_checkpoint(path)['params'] with the settings the run used") from err
     return {"params": params, "config": state["config"], "step": state["step"], "optimizer": state["optimizer"],
             "extra": state.get("extra") or {}}
+
+
+def _check_state(path: Path, state, requires_grad: bool) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has the entries :func:`save_checkpoint` writes."""
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise _fail(path, f"is not a metatut checkpoint (format {FORMAT_VERSION}): it holds "
+                    + (f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict)
+                       else f"a {type(state).__name__}"))
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a metatut checkpoint (format {FORMAT_VERSION}): it has "
+                              f"format_version {state['format_version']!r}; load it with the metatut version that "
+                              f"wrote it, or {_WHAT_TO_DO}")
+    missing = [k for k in ("params", "config", "step", "optimizer") if k not in state]
+    if missing:
+        raise _fail(path, f"is not a metatut checkpoint (format {FORMAT_VERSION}): it lacks "
+                    f"{', '.join(repr(k) for k in missing)} (it was edited or written by another program)")
+    params = state["params"]
+    if not isinstance(params, dict):
+        raise _fail(path, f"has 'params' of the wrong kind (a {type(params).__name__}; expected a dict of "
+                    "name -> tensor)")
+    bad = [str(k) for k, v in params.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise _fail(path, f"has 'params' entries that are not named tensors: {bad[:5]}")
+    wrong = [k for k, v in params.items() if not (v.is_floating_point() or v.is_complex())]
+    if wrong and requires_grad:
+        raise _fail(path, f"has 'params' that are not floating-point tensors, so they cannot require grad: "
+                    f"{wrong[:5]}")
+    checks = (("config", dict, False), ("optimizer", dict, True), ("extra", dict, True))
+    for key, kind, nullable in checks:
+        value = state.get(key)
+        if not (isinstance(value, kind) or (nullable and value is None)):
+            raise _fail(path, f"has {key!r} of the wrong kind (a {type(value).__name__}; expected a dict"
+                        + (" or None)" if nullable else ")"))
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _fail(path, f"has 'step' {step!r}; expected an int >= 0")

@@ -6,7 +6,10 @@
   new one, never half of one. Every file metatut writes goes through it.
 * Temporary names carry the writer's process id (``.<name>.<pid>.<random>.tmp``), so
   :func:`remove_stale_temporaries` can delete the leftovers of a process that was killed between the
-  fsync and the rename, and leave those of a live writer alone.
+  fsync and the rename, and leave those of a live writer alone. :func:`temporary_folder` makes a
+  private folder under the same naming scheme (for downloads and zip extraction), so the same clean-up
+  finds the leftovers of those too. Process ids are those of this machine: on a folder shared by
+  several machines, run the clean-up under a :class:`FileLock` that every writer takes.
 * :class:`FileLock` is an exclusive advisory lock (``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows)
   that the operating system releases when its holder dies. The lock file records its holder; a lock file
   still naming a holder when the lock is free means that holder crashed, which :attr:`FileLock.stale_holder`
@@ -25,16 +28,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_save", "remove_stale_temporaries", "FileLock",
-           "LockTimeout", "TEMP_SUFFIX"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_save", "temporary_folder", "remove_stale_temporaries",
+           "FileLock", "LockTimeout", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -101,15 +107,59 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], No
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """:func:`atomic_write` for text."""
+    """:func:`atomic_write` for text.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> atomic_write_text(pathlib.Path(tempfile.mkdtemp()) / "a.txt", "hi").read_text()
+        'hi'
+    """
     return atomic_write(path, text.encode(encoding))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`: never a half-written file."""
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`: never a half-written file.
+
+    Example::
+
+        >>> import tempfile, pathlib, torch
+        >>> p = atomic_save({"w": torch.ones(2)}, pathlib.Path(tempfile.mkdtemp()) / "w.pt")
+        >>> torch.load(p, weights_only=True)["w"].tolist()
+        [1.0, 1.0]
+    """
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+@contextmanager
+def temporary_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new private folder next to ``path``, named like :func:`atomic_write`'s temporaries, removed on exit.
+
+    The folder (mode ``0o700``, created exclusively under an unpredictable name ``.<name>.<pid>.<random>.tmp``)
+    is for work that must not be seen half done: download or extract into it, then move the finished
+    result to ``path`` (:func:`os.replace` for a folder, :func:`atomic_write` for a file) before the
+    ``with`` block ends. Whatever is left inside is deleted on exit; if the process is killed first,
+    :func:`remove_stale_temporaries` deletes it later.
+
+    Example::
+
+        >>> import tempfile, pathlib, os
+        >>> dest = pathlib.Path(tempfile.mkdtemp()) / "extracted"
+        >>> with temporary_folder(dest) as work:
+        ...     _ = (work / "a.txt").write_text("done")
+        ...     os.replace(work, dest)
+        >>> sorted(p.name for p in dest.parent.iterdir())
+        ['extracted']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -129,10 +179,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Delete temporary files left in ``folder`` by :func:`atomic_write` calls of processes that no longer run.
+    """Delete temporaries left in ``folder`` by :func:`atomic_write` or :func:`temporary_folder` calls of
+    processes that no longer run (killed between writing and renaming).
 
-    ``name`` limits the clean-up to the temporaries of one destination file. Temporaries of live processes
-    (including this one) are kept. Returns the paths removed.
+    ``name`` limits the clean-up to the temporaries of one destination. Temporaries of live processes
+    (including this one) are kept; a temporary folder is deleted with its contents, a symlink planted under
+    such a name is removed without touching its target. Returns the paths removed.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / ".ckpt.pt.999999999.abc.tmp").write_bytes(b"half")  # no such process
+        >>> [p.name for p in remove_stale_temporaries(folder, "ckpt.pt")]
+        ['.ckpt.pt.999999999.abc.tmp']
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -147,10 +207,11 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
             continue
         try:
             if candidate.is_dir() and not candidate.is_symlink():
-                continue
-            candidate.unlink()
+                shutil.rmtree(candidate)
+            else:
+                candidate.unlink()
             removed.append(candidate)
-        except FileNotFoundError:
+        except OSError:  # gone already (another clean-up), or not ours to remove: leave it
             pass
     return removed
 
@@ -177,6 +238,9 @@ class FileLock:
         ...     lock.holder()["purpose"]
         'demo'
     """
+
+    _held: dict[str, int] = {}          # lock files held in this process -> holding thread
+    _held_guard = threading.Lock()
 
     def __init__(self, path: str | os.PathLike, *, timeout: float | None = None, poll: float = 0.1,
                  purpose: str = "", on_wait: Callable[[dict | None], None] | None = None) -> None:
@@ -247,6 +311,11 @@ class FileLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already locked by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = self._key()
+        with FileLock._held_guard:
+            if FileLock._held.get(key) == threading.get_ident():
+                raise RuntimeError(f"{self.path} is already locked by this thread (through another FileLock); "
+                                   "waiting for it would never end. Take the lock once around all the work.")
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(self.path, flags, 0o666)
@@ -271,13 +340,20 @@ class FileLock:
         os.write(fd, (json.dumps(record) + "\n").encode())
         os.fsync(fd)
         self._fd = fd
+        with FileLock._held_guard:
+            FileLock._held[key] = threading.get_ident()
         return self
+
+    def _key(self) -> str:
+        return str(self.path.parent.resolve() / self.path.name)
 
     def release(self) -> None:
         """Empty the lock file (so the next holder does not report a crash) and release the lock."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        with FileLock._held_guard:
+            FileLock._held.pop(self._key(), None)
         try:
             os.ftruncate(fd, 0)
             self._unlock(fd)

@@ -15,6 +15,10 @@ T = TypeVar("T")
 
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str | None = None,
              enabled: bool | None = None, **kwargs) -> tqdm:
-    """A ``tqdm.auto`` bar (a widget in Jupyter, text in a terminal), disabled when :func:`quiet`."""
+    """A ``tqdm.auto`` bar (a widget in Jupyter, text in a terminal), disabled when :func:`quiet`.
+
+    With ``enabled=None`` the environment decides (``METATUT_PROGRESS``, else the budget profile); a
+    ``METATUT_PROGRESS`` value other than 1/0/true/false/yes/no/on/off raises :class:`ValueError`.
+    """
     disable = quiet() if enabled is None else not enabled
     return tqdm(iterable, total=total, desc=desc, disable=disable, leave=kwargs.pop("leave", True), **kwargs)

@@ -7,13 +7,21 @@ top folder, e.g. ``images_background/``).
 Pipeline:
 
 1. :func:`fetch_zip` gets an official zip (the URLs and MD5s torchvision's ``Omniglot`` uses) into
-   ``METATUT_DATA/omniglot``: it downloads to a temporary name, checks the MD5, then renames, so an
-   interrupted or corrupt download never looks like data. Offline, place the zips there yourself.
+   ``METATUT_DATA/omniglot``: it downloads into a private temporary folder, checks the MD5, then writes
+   the file in place atomically (:mod:`metatut.fileio`), so an interrupted or corrupt download never looks
+   like data. Offline, place the zips there yourself.
 2. :func:`extract_zip` extracts a zip into a new folder, atomically, rejecting any member whose path
    would leave the target folder (absolute paths, ``..``).
 3. :func:`load_omniglot_from` decodes any zips or folders in Omniglot's layout **once** into a uint8 tensor
    ``[characters, 20, S, S]`` and caches it (keyed by the sources' names, sizes and mtimes and by ``S``);
-   later loads read the cache (``torch.load(weights_only=True)``).
+   later loads read the cache (``torch.load(weights_only=True)``) after checking that it holds what the
+   request asks for (shape, dtype, image size, names, a SHA-256 of the pixels); a cache that does not is
+   rebuilt with a warning. What the key does not catch, and how to clear the cache: ``data/README.md``.
+
+Several processes may load at once (e.g. every rank of a ``torchrun`` launch on a fresh machine): the
+steps that write (download, extraction, cache) run under an exclusive :class:`metatut.fileio.FileLock`,
+``.metatut-data.lock`` in the data folder (for the cache, in the cache folder's parent); the others wait,
+saying so on stderr, and then use the finished result. Temporaries of killed processes are deleted there.
 
 :func:`load_omniglot` does all three for a named set: ``'full'`` (1,623 characters), ``'background'``,
 ``'evaluation'`` or ``'small'`` (the two small background sets, 242 characters).
@@ -35,8 +43,7 @@ import io
 import json
 import os
 import shutil
-import tempfile
-import uuid
+import sys
 import warnings
 import zipfile
 import zlib
@@ -49,19 +56,21 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from ..budget import data_dir
-from ..checkpoint import atomic_save
+from ..fileio import FileLock, _umask, atomic_save, atomic_write, remove_stale_temporaries, temporary_folder
 from ..tasks.base import check_positive_int
 
 __all__ = [
     "IMAGES_PER_CHARACTER", "OFFICIAL_ZIPS", "URL_PREFIX", "OmniglotImages", "OmniglotSplit",
     "omniglot_dir", "fetch_zip", "extract_zip", "decode_png", "load_omniglot_from", "load_omniglot",
-    "with_rotations", "split_characters", "maml_split", "fraction_split",
+    "with_rotations", "split_characters", "maml_split", "fraction_split", "data_lock", "LOCK_NAME",
 ]
 
 IMAGES_PER_CHARACTER = 20
 ORIGINAL_SIZE = 105
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 ROTATION_TAG = "@rot"
+#: The lock file that serialises downloads, extraction and cache writing in a data folder.
+LOCK_NAME = ".metatut-data.lock"
 
 #: torchvision's ``Omniglot.download_url_prefix`` (the dataset's public repository).
 URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -178,8 +187,11 @@ def fetch_zip(name: str, root: str | os.PathLike | None = None, *, download: boo
     """Return the path of the verified official ``<name>.zip`` in ``root`` (default :func:`omniglot_dir`).
 
     A file already there is kept if its MD5 matches. Otherwise, with ``download=True``, the file is
-    downloaded to a temporary name, checked, and only then renamed to ``<name>.zip``; on any failure
-    nothing is left behind and the error says how to place the file by hand.
+    downloaded into a private temporary folder in ``root`` (:func:`metatut.fileio.temporary_folder`),
+    checked, and only then written to ``<name>.zip`` atomically (a bad file there is replaced only by a
+    good one); on any failure nothing new is left behind and the error says how to place the file by hand.
+    Safe to call from several processes at once (each downloads; the last verified copy wins); to download
+    only once, call it under ``FileLock(root / LOCK_NAME)`` as :func:`load_omniglot` does.
     """
     url, md5 = _official(name)
     root = Path(root) if root is not None else omniglot_dir()
@@ -192,23 +204,67 @@ def fetch_zip(name: str, root: str | os.PathLike | None = None, *, download: boo
         if not download:
             raise ValueError(f"{path} fails its MD5 check (expected {md5}): it is truncated or not the official "
                              f"file. Delete it and call again with download=True. {manual}")
-        path.unlink()
     elif not download:
         raise FileNotFoundError(f"{path} not found and download=False. Call with download=True. {manual}")
     root.mkdir(parents=True, exist_ok=True)
-    partial = root / f".{name}.zip.{uuid.uuid4().hex}.part"
-    try:
+    remove_stale_temporaries(root, path.name)
+    with temporary_folder(path) as work:
+        partial = work / path.name
         try:
-            download_url(url, str(root), filename=partial.name)
+            download_url(url, str(work), filename=partial.name)
         except Exception as err:
             raise RuntimeError(f"downloading {url} failed ({type(err).__name__}: {err}). {manual}") from err
         if not check_integrity(str(partial), md5):
             raise RuntimeError(f"the file downloaded from {url} fails its MD5 check (expected {md5}); "
                                f"nothing was kept. Try again later. {manual}")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        with open(partial, "rb") as downloaded:
+            atomic_write(path, lambda f: shutil.copyfileobj(downloaded, f, 1 << 20))
     return path
+
+
+def _wait_message(folder: Path, what: str):
+    def tell(holder: dict | None) -> None:
+        who = f"pid {holder['pid']} on {holder.get('host', '?')}" if holder and "pid" in holder else "another process"
+        print(f"metatut: waiting for {who} to finish {what} in {folder} (lock {folder / LOCK_NAME}) ...",
+              file=sys.stderr, flush=True)
+    return tell
+
+
+def data_lock(folder: str | os.PathLike, what: str = "preparing Omniglot data") -> FileLock:
+    """The exclusive lock that serialises writing into the data folder ``folder`` (``folder/.metatut-data.lock``).
+
+    Blocks until free; while it waits it says so once on stderr. Re-check for the finished result after
+    taking it: another process may have done the work meanwhile.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> with data_lock(root):
+        ...     done = (root / "images_background").is_dir()   # re-check, then download/extract if needed
+        >>> done
+        False
+    """
+    folder = Path(folder)
+    return FileLock(folder / LOCK_NAME, timeout=None, purpose=what, on_wait=_wait_message(folder, what))
+
+
+def _verified(name: str, root: Path) -> Path | None:
+    """``root/<name>.zip`` if it is there with the right MD5, else None (reads only)."""
+    path = root / f"{name}.zip"
+    return path if path.is_file() and check_integrity(str(path), _official(name)[1]) else None
+
+
+def _fetch_zip_once(name: str, root: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """:func:`fetch_zip` for several processes at once: a verified file is used as it is (read only);
+    otherwise the download happens under :func:`data_lock` of ``root``, by whichever process gets the lock
+    first, and the others use its file."""
+    root = Path(root) if root is not None else omniglot_dir()
+    ready = _verified(name, root)
+    if ready is not None or not download:
+        return ready or fetch_zip(name, root, download=False)
+    with data_lock(root, f"downloading {name}.zip"):
+        return fetch_zip(name, root, download=True)
 
 
 def _check_member_name(name: str, archive: Path) -> PurePosixPath:
@@ -234,27 +290,37 @@ def extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
     Every member path is checked first (no absolute paths, no ``..``). When all members share one top
     folder (as in ``images_background.zip``) that folder becomes ``dest``. Extraction goes to a temporary
-    folder next to ``dest`` that is renamed only when complete, so ``dest`` exists only if whole.
+    folder next to ``dest`` (:func:`metatut.fileio.temporary_folder`) that is renamed only when complete,
+    so ``dest`` exists only if whole; the leftovers of a killed extraction are deleted by
+    :func:`metatut.fileio.remove_stale_temporaries` (which :func:`load_omniglot` runs). Two processes
+    extracting to the same ``dest`` at once: one wins, the other raises :class:`FileExistsError` (run them
+    under :func:`data_lock`, as :func:`load_omniglot` does, and re-check ``dest`` after taking it).
     """
     zip_path, dest = Path(zip_path), Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists; delete it to extract {zip_path.name} again")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extract", dir=dest.parent))
-    try:
+    with temporary_folder(dest) as tmp:
         with _open_zip(zip_path) as archive:
             members = archive.infolist()
             paths = [_check_member_name(m.filename, zip_path) for m in members]
             tops = {p.parts[0] for p in paths}
-            single_top = len(tops) == 1 and all(len(p.parts) > 1 or m.is_dir() for p, m in zip(paths, members))
+            single_top = len(tops) == 1 and all(len(p.parts) > 1 or m.is_dir()
+                                                for p, m in zip(paths, members, strict=True))
             try:
                 archive.extractall(tmp)
             except _ZIP_ERRORS as err:
                 raise ValueError(f"{zip_path} is corrupt ({err}); delete it and download it again") from err
         source = tmp / next(iter(tops)) if single_top else tmp
-        os.replace(source, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if source == tmp:   # the private folder itself becomes dest: give it the usual permissions
+            os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            os.replace(source, dest)
+        except OSError as err:
+            if not dest.exists():
+                raise
+            raise FileExistsError(f"{dest} was created by another process while {zip_path.name} was being "
+                                  "extracted; it is kept as it is (extract under metatut.data.omniglot.data_lock "
+                                  "to avoid the duplicate work)") from err
     return dest
 
 
@@ -365,16 +431,65 @@ def _cache_key(sources: Sequence[_Source], image_size: int) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str) -> OmniglotImages | None:
+def _pixels_digest(images: Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _cache_problem(state, key: str, image_size: int) -> str | None:
+    """Why ``state`` (a loaded cache file) must not be returned for this request, or None if it may."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a cache record"
+    if state.get("format") != CACHE_FORMAT:
+        return f"it has cache format {state.get('format')!r}, not {CACHE_FORMAT} (written by another metatut version)"
+    if state.get("key") != key:
+        return "it was made from other sources or settings (its key differs)"
+    if state.get("image_size") != image_size:
+        return f"it records image_size {state.get('image_size')!r}, but {image_size} was asked for"
+    images, names = state.get("images"), state.get("names")
+    expected = f"uint8 [characters, {IMAGES_PER_CHARACTER}, {image_size}, {image_size}]"
+    if not isinstance(images, Tensor):
+        return f"its images are a {type(images).__name__}, not a tensor {expected}"
+    if (images.dtype != torch.uint8 or images.dim() != 4
+            or tuple(images.shape[1:]) != (IMAGES_PER_CHARACTER, image_size, image_size)):
+        return f"its images are {images.dtype} {list(images.shape)}, not {expected}"
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return "its names are not a list of strings"
+    if len(names) != images.shape[0] or len(set(names)) != len(names) or list(names) != sorted(names):
+        return (f"it has {len(names)} names for {images.shape[0]} characters (names must be sorted and distinct, "
+                "one per character)")
+    if state.get("images_sha256") != _pixels_digest(images):
+        return "its pixels do not match the checksum stored with them (the file was damaged or edited)"
+    return None
+
+
+def _read_cache(path: Path, key: str, image_size: int) -> OmniglotImages | None:
+    """The cached images at ``path`` if the file is there and holds exactly what this request asks for.
+
+    Anything else (unreadable, another format, key, image size, shape, dtype, names, or a pixel checksum
+    mismatch) gives a warning and None: the caller decodes again and replaces the file.
+    """
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") == CACHE_FORMAT and state.get("key") == key:
-            return OmniglotImages(state["images"], tuple(state["names"]))
     except Exception as err:  # a damaged cache is rebuilt, never trusted
-        warnings.warn(f"ignoring unreadable Omniglot cache {path} ({err}); decoding again", stacklevel=3)
-    return None
+        warnings.warn(f"ignoring unreadable Omniglot cache {path} ({type(err).__name__}: {str(err)[:200]}); "
+                      "decoding again and replacing it", stacklevel=3)
+        return None
+    problem = _cache_problem(state, key, image_size)
+    if problem is not None:
+        warnings.warn(f"ignoring Omniglot cache {path}: {problem}; decoding again and replacing it", stacklevel=3)
+        return None
+    return OmniglotImages(state["images"], tuple(state["names"]))
+
+
+def _cache_lock(folder: Path) -> FileLock:
+    """:func:`data_lock` of the cache folder's parent (the data folder itself for the default cache), so that
+    the cache folder holds nothing but cache files; inside the cache folder if its parent is not writable."""
+    parent = folder.parent if folder.parent != folder else folder
+    if os.access(parent, os.W_OK | os.X_OK) or not parent.exists():
+        return data_lock(parent, "decoding Omniglot into its cache")
+    return data_lock(folder, "decoding Omniglot into its cache")
 
 
 def load_omniglot_from(*sources: str | os.PathLike, image_size: int = 28, cache: bool = True,
@@ -386,7 +501,10 @@ def load_omniglot_from(*sources: str | os.PathLike, image_size: int = 28, cache:
     ordered by file name (i.e. by drawer). With ``cache=True`` the result is saved atomically in
     ``cache_dir`` (default ``METATUT_DATA/omniglot/cache``) under a key made of the sources' resolved paths,
     sizes and modification times (for a folder: of every PNG in it) and ``image_size``; a later call with
-    unchanged sources loads that file instead of decoding. A corrupt source raises before anything is cached.
+    unchanged sources loads that file instead of decoding, after checking that it holds what was asked
+    for (otherwise it warns, decodes and replaces it). A corrupt source raises before anything is cached.
+    Decoding into the cache runs under :func:`data_lock` (of the cache folder's parent): of several
+    processes loading at once, one decodes and writes, the others wait and read its file.
     """
     if not sources:
         raise ValueError("give at least one Omniglot zip or folder (e.g. metatut.data.fetch_zip('images_background'))")
@@ -400,12 +518,22 @@ def load_omniglot_from(*sources: str | os.PathLike, image_size: int = 28, cache:
             key = _cache_key(opened, image_size)
             folder = Path(cache_dir) if cache_dir is not None else omniglot_dir() / "cache"
             path = folder / f"omniglot-{image_size}px-{key[:24]}.pt"
-            cached = _read_cache(path, key)
+            cached = _read_cache(path, key, image_size)
             if cached is not None:
                 return cached
+            with _cache_lock(folder):
+                if path.is_file():                  # another process may have written it while we waited
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")      # (the first read has warned already)
+                        cached = _read_cache(path, key, image_size)
+                    if cached is not None:
+                        return cached
+                images, names = _decode(opened, image_size)
+                remove_stale_temporaries(folder)
+                atomic_save({"format": CACHE_FORMAT, "key": key, "image_size": image_size, "images": images,
+                             "names": list(names), "images_sha256": _pixels_digest(images)}, path)
+                return OmniglotImages(images, tuple(names))
         images, names = _decode(opened, image_size)
-        if path is not None:
-            atomic_save({"format": CACHE_FORMAT, "key": key, "images": images, "names": names}, path)
         return OmniglotImages(images, tuple(names))
     finally:
         for s in opened:
@@ -421,20 +549,37 @@ def load_omniglot(which: str = "full", *, root: str | os.PathLike | None = None,
     (``download=False``: they must already be there). The full sets are extracted to ``root/<name>/``
     with :func:`extract_zip` and decoded from there; the small sets are decoded straight from their zips
     (so a read-only ``root`` works for them). Raises if the number of characters is not the expected one.
+
+    Safe for several processes at once (e.g. every rank of a multi-GPU launch on a fresh machine): the
+    download and extraction run under :func:`data_lock` of ``root`` and the cache writing under that of the
+    cache folder's parent; whoever gets a lock first does the work, the others wait (saying so on stderr)
+    and then use the result. Temporaries left in ``root`` by killed downloads or extractions are deleted.
     """
     if which not in SETS:
         raise ValueError(f"which must be one of {tuple(SETS)} (got {which!r})")
     names, expected = SETS[which]
     root = Path(root).expanduser() if root is not None else omniglot_dir()
-    sources = []
-    for name in names:
-        folder = root / name
-        if which == "small":
-            sources.append(fetch_zip(name, root, download=download))
-            continue
-        if not folder.is_dir():
-            extract_zip(fetch_zip(name, root, download=download), folder)
-        sources.append(folder)
+    extract = which != "small"
+
+    def ready(name: str) -> Path | None:
+        """The source for ``name`` if it can be read as it is (reads only), else None."""
+        if extract:
+            return root / name if (root / name).is_dir() else None
+        if download:
+            return _verified(name, root)
+        return fetch_zip(name, root, download=False)    # raises if missing or damaged
+
+    sources = [ready(name) for name in names]
+    if any(s is None for s in sources):
+        with data_lock(root, f"fetching and extracting Omniglot '{which}'"):
+            remove_stale_temporaries(root)
+            for i, name in enumerate(names):
+                if ready(name) is not None:             # done meanwhile by another process
+                    sources[i] = ready(name)
+                elif extract:
+                    sources[i] = extract_zip(fetch_zip(name, root, download=download), root / name)
+                else:
+                    sources[i] = fetch_zip(name, root, download=download)
     data = load_omniglot_from(*sources, image_size=image_size, cache=cache, cache_dir=cache_dir)
     if len(data) != expected:
         raise ValueError(f"expected {expected} characters in Omniglot '{which}' but found {len(data)} in "
@@ -473,7 +618,7 @@ def split_characters(data: OmniglotImages, sizes: Sequence[int], *, seed: int,
     sizes = tuple(sizes)
     if len(sizes) != 3:
         raise ValueError(f"sizes must be (n_train, n_val, n_test) (got {sizes!r})")
-    for name, n in zip(("n_train", "n_val", "n_test"), sizes):
+    for name, n in zip(("n_train", "n_val", "n_test"), sizes, strict=True):
         check_positive_int(f"sizes: {name}", n)
     if sum(sizes) != len(data):
         raise ValueError(f"sizes must add up to the number of characters, {len(data)} (got {sizes}, sum {sum(sizes)})")

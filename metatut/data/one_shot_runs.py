@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..tasks.base import TaskBatch
-from .omniglot import _check_image_size, _Source, decode_png, fetch_zip, omniglot_dir
+from .omniglot import _check_image_size, _fetch_zip_once, _Source, decode_png, omniglot_dir
 
 __all__ = ["HUMAN_ERROR", "BPL_ERROR", "OneShotRuns", "OneShotResult", "load_one_shot_runs",
            "evaluate_one_shot", "pixel_nearest_neighbour"]
@@ -102,12 +102,13 @@ def load_one_shot_runs(path: str | os.PathLike | None = None, *, image_size: int
                        download: bool = False) -> OneShotRuns:
     """Load ``all_runs.zip`` (or a folder with the same layout); default path ``METATUT_DATA/omniglot/all_runs.zip``.
 
-    With no ``path`` and ``download=True`` the official zip is fetched and MD5-checked (:func:`fetch_zip`).
+    With no ``path`` and ``download=True`` the official zip is fetched and MD5-checked (:func:`fetch_zip`;
+    by one process at a time, under :func:`metatut.data.omniglot.data_lock`, when several load at once).
     Raises a clear error if a run's ``class_labels.txt`` is malformed or names a missing image.
     """
     image_size = _check_image_size(image_size)
     if path is None:
-        path = fetch_zip("all_runs", omniglot_dir(), download=download)
+        path = _fetch_zip_once("all_runs", omniglot_dir(), download=download)
     source = _Source(Path(path).expanduser())
     try:
         if source.archive is not None:
@@ -143,7 +144,7 @@ def load_one_shot_runs(path: str | os.PathLike | None = None, *, image_size: int
             runs.append(run)
     finally:
         source.close()
-    shapes = {(s.shape, q.shape) for s, q in zip(supports, queries)}
+    shapes = {(s.shape, q.shape) for s, q in zip(supports, queries, strict=True)}
     if len(shapes) != 1:
         raise ValueError(f"all runs must have the same numbers of training and test images (got {shapes})")
     return OneShotRuns(torch.stack(supports), torch.stack(queries), torch.stack(answers), tuple(runs))
