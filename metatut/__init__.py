@@ -9,7 +9,7 @@ A model is an ``nn.Module`` plus a dict of parameters; algorithms are pure funct
     loss = mt.maml_loss(model, params, batch, inner_lr=0.01)
 """
 from .budget import data_dir, pick, profile
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .device import make_generator, pick_device
 from .evaluate import Summary, adapted_accuracy, adapted_predictor, evaluate_adaptation, summarize, held_out_episodes
 from . import accel, data
@@ -17,6 +17,7 @@ from . import timing
 from .conv import Conv4, conv4
 from .functional import (
     MAMLObjective,
+    VectorizeError,
     adapt,
     adaptation_curve,
     can_vectorize,
@@ -52,7 +53,7 @@ from .protonet import (
     prototypes,
 )
 from .tasks import EpisodeSampler, LinearTasks, SinusoidTasks, TaskBatch, sample_episodes
-from .train import TrainResult, meta_train
+from .train import NonFiniteLossError, TrainResult, meta_train
 
 __version__ = "0.1.0"
 
@@ -66,5 +67,5 @@ __all__ = [
     "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
     "accel", "timing", "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
     "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
-    "protonet_predictor", "accuracy", "embed_episodes",
+    "protonet_predictor", "accuracy", "embed_episodes", "VectorizeError", "NonFiniteLossError", "CheckpointError",
 ]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .tasks.base import check_positive_int
+from .tasks.episodes import check_n_way
 
 __all__ = ["BATCH_NORM_MODES", "DOWNSAMPLE_MODES", "Conv4", "conv4"]
 
@@ -51,7 +52,7 @@ class Conv4(nn.Module):
                  image_size: int = 28, batch_norm: str = "batch", downsample: str = "maxpool") -> None:
         super().__init__()
         if num_classes is not None:
-            check_positive_int("num_classes", num_classes)
+            check_n_way(num_classes, "num_classes")
         check_positive_int("hidden", hidden)
         check_positive_int("in_channels", in_channels)
         check_positive_int("image_size", image_size, minimum=16)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,9 +54,12 @@ def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, i
     Returns ``{k: Summary}``: the query loss after ``k`` SGD steps of size ``inner_lr``, for each
     ``k`` in ``steps``. Works for any parameters: MAML's, the summed-loss baseline's, a random init.
     """
+    if isinstance(steps, str) or not isinstance(steps, Sequence) \
+            or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in steps):
+        raise TypeError(f"steps must be a tuple of inner-step counts, e.g. steps=(0, 1, 10) (got {steps!r})")
     steps = sorted({int(k) for k in steps})
     if not steps or steps[0] < 0:
-        raise ValueError(f"steps must be a non-empty list of ints >= 0 (got {steps})")
+        raise ValueError(f"steps must be a non-empty list of ints >= 0, e.g. steps=(0, 1, 10) (got {tuple(steps)})")
     curve = adaptation_curve(model, params, tasks, inner_lr=inner_lr, steps=steps[-1], adapt_names=adapt_names,
                              loss_fn=loss_fn,
                              vectorize=vectorize, chunk_size=chunk_size)

@@ -18,7 +18,15 @@ Two execution paths give the same numbers:
 * the **vmap** path: all tasks at once with ``torch.func.vmap`` over ``torch.func.grad``.
 
 ``vectorize="auto"`` takes vmap only for models built from layers whose vmap path the test-suite
-checks against the loop (:data:`VMAP_VERIFIED_LAYERS`); anything else runs the loop.
+checks against the loop (:data:`VMAP_VERIFIED_LAYERS`); anything else runs the loop. ``vectorize=True``
+takes vmap or raises :class:`VectorizeError` (unverified layers such as batch norm, per-step parameters or
+buffers, ``checkpoint_steps``): it never falls back to the loop silently.
+
+The public entry points check their inputs before computing: every parameter of the model has a value in
+``params`` and every key names one (or is a buffer, a learned step size ``inner_lr.*`` or a per-step copy
+``per_step.<k>.<name>``); parameters and data share one device and floating dtype; regression losses
+(MSE, L1, ...) get targets of the prediction's shape and float dtype; classification labels (on the CPU)
+lie within the model's output width.
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ __all__ = [
     "summed_task_loss", "inner_step", "adapt", "maml_loss", "maml_objective", "MAMLObjective", "msl_weights",
     "summed_loss_objective", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
     "final_layer_names", "meta_gradient", "adaptation_curve", "PER_STEP_PREFIX", "per_step_params",
-    "per_step_buffers", "batch_norm_names", "accumulated_meta_loss",
+    "per_step_buffers", "batch_norm_names", "accumulated_meta_loss", "VectorizeError",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -56,6 +64,24 @@ VMAP_VERIFIED_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 _REDUCTIONS = ("mean", "sum")
+
+
+class VectorizeError(ValueError):
+    """``vectorize=True`` was asked for a computation whose vmap path would not give the loop's numbers.
+
+    Raised before anything is computed when the model holds layers outside :data:`VMAP_VERIFIED_LAYERS`
+    (e.g. batch norm, whose second-order meta-gradient under ``torch.func.vmap`` differs from the loop's),
+    or when per-step parameters, per-step ``buffers`` or ``checkpoint_steps=True`` are used (they run the
+    per-task loop only). ``vectorize=False`` or ``'auto'`` run the loop instead. A ``ValueError``.
+
+    Example::
+
+        model = metatut.conv4(5)                     # batch norm: not verified under vmap
+        try:
+            metatut.maml_loss(model, params, batch, inner_lr=0.4, loss_fn=F.cross_entropy, vectorize=True)
+        except metatut.VectorizeError as error:
+            print(error)                             # names BatchNorm2d and says to use vectorize=False or 'auto'
+    """
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -88,6 +114,140 @@ def _check_batch(batch) -> None:
         raise TypeError(f"batch must be a metatut.TaskBatch (got {type(batch).__name__})")
 
 
+def _batch_tensors(batch: TaskBatch) -> dict[str, Tensor]:
+    return {f"batch.{n}": getattr(batch, n) for n in ("support_x", "support_y", "query_x", "query_y")}
+
+
+def _check_model_params(model: nn.Module, params: Params) -> None:
+    """Every key of ``params`` names one of the model's parameters or buffers (directly or as a per-step copy
+    ``per_step.<k>.<name>``; learned step sizes ``inner_lr.*`` are checked where they are used), and every
+    parameter of the model has a value: ``functional_call`` would otherwise silently use the module's own
+    tensor for a missing one (which is then never trained). A set comparison of names: cheap."""
+    model_names = [n for n, _ in model.named_parameters()]
+    known = set(model_names) | {n for n, _ in model.named_buffers()}
+    present, unknown = set(), []
+    for key in params:
+        if key.startswith(LEARNED_LR_PREFIX):
+            continue
+        name = key[len(PER_STEP_PREFIX):].partition(".")[2] if key.startswith(PER_STEP_PREFIX) else key
+        if name in known:
+            present.add(name)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"params has keys the model does not have: {unknown}; the model's parameters are "
+                         f"{model_names} (besides them params may hold buffers, learned step sizes 'inner_lr.*' and "
+                         "per-step copies 'per_step.<k>.<name>'); check the spelling")
+    missing = [n for n in model_names if n not in present]
+    if missing:
+        raise ValueError(f"params is missing the model's parameters {missing}: the model would silently use its own "
+                         "tensors for them, which are never trained; pass all of them (metatut.init_params(model))")
+
+
+def _check_dtype_device(params: Params, tensors: dict[str, Tensor]) -> None:
+    """One device and one floating dtype for ``params`` and the data ``tensors`` (name -> tensor)."""
+    values = [v for v in params.values() if isinstance(v, Tensor)]
+    devices = sorted({str(v.device) for v in values})
+    if len(devices) > 1:
+        raise ValueError(f"params must all be on one device (got {devices}); move them, e.g. "
+                         "metatut.init_params(model, device=...)")
+    dtypes = sorted({str(v.dtype) for v in values if v.is_floating_point()})
+    if len(dtypes) > 1:
+        raise ValueError(f"params must all have one floating dtype (got {dtypes}); cast them, e.g. "
+                         "metatut.init_params(model, dtype=...)")
+    if not values:
+        return
+    device = values[0].device
+    dtype = next((v.dtype for v in values if v.is_floating_point()), None)
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"params are on {device} but {name} is on {t.device}: put both on one device "
+                             "(batch.to(device) or metatut.init_params(model, device=device))")
+    for name, t in tensors.items():
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            raise ValueError(f"params are {dtype} but {name} is {t.dtype}: use one dtype for both "
+                             f"(batch.to(dtype={dtype}) or metatut.init_params(model, dtype={t.dtype}))")
+
+
+def _check_inputs(model: nn.Module, params: Params, tensors: dict[str, Tensor]) -> None:
+    """The checks of every public entry point that takes a model, its parameters and data."""
+    _check_params(params)
+    _check_model_params(model, params)
+    _check_dtype_device(params, tensors)
+
+
+_REGRESSION_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_REGRESSION_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+_CLASSIFICATION_LOSSES = (F.cross_entropy, F.nll_loss)
+_CLASSIFICATION_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _loss_kind(fn) -> str | None:
+    if any(fn is f for f in _REGRESSION_LOSSES) or isinstance(fn, _REGRESSION_MODULES):
+        return "regression"
+    if any(fn is f for f in _CLASSIFICATION_LOSSES) or isinstance(fn, _CLASSIFICATION_MODULES):
+        return "classification"
+    return None
+
+
+def _loss_name(fn) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return f"torch.nn.functional.{name}" if any(fn is f for f in _REGRESSION_LOSSES + _CLASSIFICATION_LOSSES) \
+        else name
+
+
+class _CheckedLoss:
+    """``loss_fn`` with the checks that turn silent wrong answers into clear errors, for the losses whose
+    contract is known: a regression loss (MSE, L1, ...) needs predictions and targets of one shape (else
+    it broadcasts ``[shots, 1]`` against ``[shots]`` to ``[shots, shots]``); a classification loss needs
+    labels in ``0..width-1`` (checked where the labels' range is known without a device synchronisation).
+    Any other loss is called as it is."""
+
+    def __init__(self, fn, label_ranges: dict[str, tuple[int, int]]):
+        self.fn, self.kind, self.label_ranges = fn, _loss_kind(fn), label_ranges
+
+    def __call__(self, prediction: Tensor, target: Tensor, role: str = "targets") -> Tensor:
+        if self.kind == "regression" and prediction.shape != target.shape:
+            verb = "have" if role == "targets" else "has"
+            raise ValueError(
+                f"{role} {verb} shape {tuple(target.shape)} per task but the model predicts "
+                f"{tuple(prediction.shape)}: with loss_fn={_loss_name(self.fn)} they must be equal (it would "
+                "broadcast them to a wrong loss); for targets [tasks, shots] use y.unsqueeze(-1) to make them "
+                "[tasks, shots, 1]")
+        if self.kind == "classification" and role in self.label_ranges and prediction.dim() >= 2:
+            low, high = self.label_ranges[role]
+            width = prediction.shape[1]
+            if low < 0 or high >= width:
+                raise ValueError(f"{role} holds class labels in [{low}, {high}] but the model outputs {width} classes "
+                                 f"(labels must be in 0..{width - 1}): build the model with num_classes >= {high + 1} "
+                                 "or label each episode's classes 0..n_way-1")
+        return self.fn(prediction, target)
+
+
+def _prepare_loss(loss_fn, targets: dict[str, Tensor]) -> _CheckedLoss:
+    """Check ``targets`` (role -> tensor, e.g. ``{'support_y': ...}``) against ``loss_fn`` and wrap it."""
+    fn = loss_fn.fn if isinstance(loss_fn, _CheckedLoss) else loss_fn
+    if not callable(fn):
+        raise TypeError(f"loss_fn must be a callable loss(prediction, target) (got {fn!r})")
+    kind = _loss_kind(fn)
+    ranges = {}
+    for role, y in targets.items():
+        if kind == "regression" and not (y.is_floating_point() or y.is_complex()):
+            raise ValueError(f"{role} holds integer class labels ({y.dtype}) but loss_fn={_loss_name(fn)} is a "
+                             "regression loss: pass loss_fn=torch.nn.functional.cross_entropy for classification "
+                             "(or float targets for regression)")
+        if kind == "classification" and not y.is_floating_point() and y.device.type == "cpu" and y.numel():
+            low, high = torch.aminmax(y.detach())
+            ranges[role] = (int(low), int(high))
+    return _CheckedLoss(fn, ranges)
+
+
+def _apply_loss(loss_fn, prediction: Tensor, target: Tensor, role: str) -> Tensor:
+    if isinstance(loss_fn, _CheckedLoss):
+        return loss_fn(prediction, target, role)
+    return loss_fn(prediction, target)
+
+
 def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return losses.mean() if reduction == "mean" else losses.sum()
 
@@ -99,7 +259,8 @@ def _verified(module: nn.Module) -> bool:
 
 def can_vectorize(model: nn.Module) -> bool:
     """True when every submodule of ``model`` is a layer whose vmap path the tests verify
-    (:data:`VMAP_VERIFIED_LAYERS`); then ``vectorize=True`` gives the loop's meta-gradient."""
+    (:data:`VMAP_VERIFIED_LAYERS`); then ``vectorize=True`` gives the loop's meta-gradient, otherwise it
+    raises :class:`VectorizeError`."""
     return all(_verified(m) for m in model.modules())
 
 
@@ -113,26 +274,57 @@ def prefers_vmap(model: nn.Module) -> bool:
     return can_vectorize(model) and not any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _use_vmap(model: nn.Module, vectorize) -> bool:
-    if vectorize == "auto":
-        return prefers_vmap(model)
-    if isinstance(vectorize, bool):
-        return vectorize
-    raise ValueError(f"vectorize must be True, False or 'auto' (got {vectorize!r})")
+def _unverified_layers(model: nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules() if not _verified(m)})
+
+
+def _use_vmap(model: nn.Module, vectorize, *, per_step: bool = False, checkpoint_steps: bool = False) -> bool:
+    """Whether to take the vmap path. ``vectorize=True`` takes it or raises :class:`VectorizeError`: never a
+    silent fall-back to the loop, never vmap where it is not verified to give the loop's numbers."""
+    if isinstance(vectorize, str) and vectorize == "auto":
+        return prefers_vmap(model) and not per_step and not checkpoint_steps
+    if not isinstance(vectorize, bool):
+        raise ValueError(f"vectorize must be True, False or 'auto' (got {vectorize!r})")
+    if not vectorize:
+        return False
+    if checkpoint_steps:
+        raise VectorizeError("checkpoint_steps=True runs the per-task loop; it cannot be combined with vectorize=True: "
+                             "use vectorize=False or 'auto'")
+    if per_step:
+        raise VectorizeError("vectorize=True cannot run per-step parameters (per_step.<k>.<name>) or per-step buffers "
+                             "(buffers=): MAML++'s per-step batch norm runs the per-task loop only; use vectorize=False "
+                             "or 'auto'")
+    unverified = _unverified_layers(model)
+    if unverified:
+        raise VectorizeError(f"vectorize=True cannot run this model: its layers {unverified} are not among those whose "
+                             "vmap path is verified against the per-task loop (metatut.functional.VMAP_VERIFIED_LAYERS; "
+                             "under torch.func.vmap batch norm gives a wrong second-order meta-gradient); use "
+                             "vectorize=False or 'auto' (which runs the loop for this model)")
+    return True
 
 
 # ------------------------------------------------------------------------------------- task losses
+def _task_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn, role: str = "y") -> Tensor:
+    return _apply_loss(loss_fn, functional_call(model, params, (x,)), y, role)
+
+
 def task_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn = F.mse_loss) -> Tensor:
     """Loss of one task's examples ``x [shots, ...]``, ``y [shots, ...]`` at ``params`` (a scalar)."""
-    return loss_fn(functional_call(model, params, (x,)), y)
+    return _task_loss(model, params, x, y, _prepare_loss(loss_fn, {"y": y}))
+
+
+def _per_task_losses(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn, vectorize, role: str) -> Tensor:
+    if _use_vmap(model, vectorize):
+        return vmap(partial(_task_loss, model, loss_fn=loss_fn, role=role), in_dims=(None, 0, 0))(params, x, y)
+    return torch.stack([_task_loss(model, params, x[t], y[t], loss_fn, role) for t in range(x.shape[0])])
 
 
 def per_task_losses(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn = F.mse_loss,
                     vectorize="auto") -> Tensor:
     """Loss of each task at the same ``params``: ``x [tasks, shots, ...]`` -> ``[tasks]``."""
-    if _use_vmap(model, vectorize):
-        return vmap(partial(task_loss, model, loss_fn=loss_fn), in_dims=(None, 0, 0))(params, x, y)
-    return torch.stack([task_loss(model, params, x[t], y[t], loss_fn) for t in range(x.shape[0])])
+    _check_inputs(model, params, {"x": x, "y": y})
+    loss = _prepare_loss(loss_fn, {"y": y})
+    return _per_task_losses(model, params, x, y, loss, vectorize, "y")
 
 
 def summed_task_loss(model: nn.Module, params: Params, batch: TaskBatch, *, loss_fn: LossFn = F.mse_loss,
@@ -145,6 +337,7 @@ def summed_task_loss(model: nn.Module, params: Params, batch: TaskBatch, *, loss
     """
     _check_params(params)
     _check_batch(batch)
+    _check_inputs(model, params, _batch_tensors(batch))
     _check_reduction(reduction)
     if use == "support":
         x, y = batch.support_x, batch.support_y
@@ -154,7 +347,8 @@ def summed_task_loss(model: nn.Module, params: Params, batch: TaskBatch, *, loss
         x, y = torch.cat([batch.support_x, batch.query_x], 1), torch.cat([batch.support_y, batch.query_y], 1)
     else:
         raise ValueError(f"use must be one of ('support', 'query', 'both') (got {use!r})")
-    return _reduce(per_task_losses(model, params, x, y, loss_fn, vectorize), reduction)
+    loss = _prepare_loss(loss_fn, {"targets": y})
+    return _reduce(_per_task_losses(model, params, x, y, loss, vectorize, "targets"), reduction)
 
 
 # ------------------------------------------------------------------------------- inner step sizes
@@ -327,7 +521,7 @@ def _sgd_step(model, params: Params, x, y, *, rates, step: int, first_order: boo
     fixed = fixed or {}
     if functional:
         def support_loss(sub):
-            return loss_fn(functional_call(model, {**params, **fixed, **sub}, (x,)), y)
+            return _apply_loss(loss_fn, functional_call(model, {**params, **fixed, **sub}, (x,)), y, "support_y")
         grads = grad(support_loss)({n: params[n] for n in adapt_names})
         if first_order:
             grads = {n: g.detach() for n, g in grads.items()}
@@ -335,9 +529,9 @@ def _sgd_step(model, params: Params, x, y, *, rates, step: int, first_order: boo
         with torch.enable_grad():
             inputs = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_()
                       for n in adapt_names}
-            loss = loss_fn(functional_call(model, {**params, **fixed, **inputs}, (x,)), y)
+            loss = _apply_loss(loss_fn, functional_call(model, {**params, **fixed, **inputs}, (x,)), y, "support_y")
             grads = dict(zip(adapt_names, torch.autograd.grad(loss, list(inputs.values()),
-                                                              create_graph=not first_order)))
+                                                              create_graph=not first_order), strict=True))
             params = {**params, **inputs}
     new = dict(params)
     for n in adapt_names:
@@ -354,13 +548,16 @@ def _trajectory(model, params, x, y, *, rates, steps, first_order, adapt_names, 
         if checkpoint_steps and not functional:
             names = list(params)
 
-            def step_fn(*tensors, _k=k):
-                out = _sgd_step(model, dict(zip(names, tensors)), x, y, rates=rates, step=_k, first_order=first_order,
-                                adapt_names=adapt_names, loss_fn=loss_fn, functional=False, fixed=fixed)
-                return tuple(out[n] for n in names)
+            # Bind this step's index, overrides and names now: the recomputation in the backward pass runs
+            # after the loop has moved on (a closure over the loop variables would see the last step's).
+            def step_fn(*tensors, _k=k, _fixed=fixed, _names=names):
+                out = _sgd_step(model, dict(zip(_names, tensors, strict=True)), x, y, rates=rates, step=_k,
+                                first_order=first_order, adapt_names=adapt_names, loss_fn=loss_fn, functional=False,
+                                fixed=_fixed)
+                return tuple(out[n] for n in _names)
 
             params = dict(zip(names, torch.utils.checkpoint.checkpoint(step_fn, *params.values(),
-                                                                       use_reentrant=False)))
+                                                                       use_reentrant=False), strict=True))
         else:
             params = _sgd_step(model, params, x, y, rates=rates, step=k, first_order=first_order,
                                adapt_names=adapt_names, loss_fn=loss_fn, functional=functional, fixed=fixed)
@@ -376,10 +573,11 @@ def inner_step(model: nn.Module, params: Params, x: Tensor, y: Tensor, inner_lr:
     (second-order MAML); ``False`` treats the gradient as a constant (first-order MAML).
     Returns a new dict; ``params`` is not modified.
     """
-    _check_params(params)
+    _check_inputs(model, params, {"x": x, "y": y})
+    loss = _prepare_loss(loss_fn, {"support_y": y})
     theta, rates = _resolve_inner_lr(inner_lr, params)
     return _sgd_step(model, theta, x, y, rates=rates, step=0, first_order=not create_graph,
-                     adapt_names=list(theta), loss_fn=loss_fn, functional=False)
+                     adapt_names=list(theta), loss_fn=loss, functional=False)
 
 
 def adapt(model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, *, inner_lr, steps: int = 1,
@@ -394,14 +592,15 @@ def adapt(model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor
     ``adapt_names`` restricts adaptation to some parameters (ANIL: the head). Per-step parameters and
     ``buffers`` (MAML++) are used as in :func:`maml_loss` and are not part of the result.
     """
-    _check_params(params)
+    _check_inputs(model, params, {"support_x": support_x, "support_y": support_y})
+    loss_fn = _prepare_loss(loss_fn, {"support_y": support_y})
     check_positive_int("steps", steps, minimum=0)
     theta, rates = _resolve_inner_lr(inner_lr, params)
     theta, overrides = _step_overrides(theta, steps, buffers)
     names = _check_adapt_names(theta, adapt_names)
     options = dict(rates=rates, steps=steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn,
                    overrides=overrides)
-    if _use_vmap(model, vectorize) and overrides is None:
+    if _use_vmap(model, vectorize, per_step=overrides is not None):
         with torch.enable_grad():
             return vmap(lambda p, x, y: _trajectory(model, p, x, y, functional=True, **options)[-1],
                         in_dims=(None, 0, 0))(theta, support_x, support_y)
@@ -421,6 +620,12 @@ def _check_step_weights(step_weights, steps: int):
     return w
 
 
+def _updates_running_stats(model: nn.Module) -> bool:
+    """True when a forward pass of ``model`` updates batch-norm running statistics (training mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in model.modules())
+
+
 def _at_step(overrides, k: int) -> Params:
     return overrides[k] if overrides else {}
 
@@ -428,8 +633,10 @@ def _at_step(overrides, k: int) -> Params:
 def _task_meta_loss(model, params, sx, sy, qx, qy, *, weights, functional, loss_fn, overrides=None, **options):
     path = _trajectory(model, params, sx, sy, functional=functional, loss_fn=loss_fn, overrides=overrides, **options)
     if weights is None:
-        return loss_fn(functional_call(model, {**path[-1], **_at_step(overrides, len(path) - 1)}, (qx,)), qy)
-    losses = torch.stack([loss_fn(functional_call(model, {**p, **_at_step(overrides, k)}, (qx,)), qy)
+        return _apply_loss(loss_fn, functional_call(model, {**path[-1], **_at_step(overrides, len(path) - 1)}, (qx,)),
+                           qy, "query_y")
+    losses = torch.stack([_apply_loss(loss_fn, functional_call(model, {**p, **_at_step(overrides, k)}, (qx,)), qy,
+                                      "query_y")
                           for k, p in enumerate(path) if k > 0])
     return (weights.to(losses) * losses).sum()
 
@@ -449,14 +656,16 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
     * ``adapt_names``: adapt only these parameters in the inner loop (ANIL: :func:`final_layer_names`);
     * ``step_weights [inner_steps]``: multi-step loss :math:`\sum_k w_k L_Q(\theta_k)` (MAML++);
     * ``checkpoint_steps``: recompute each inner step in the backward pass instead of storing it
-      (gradient checkpointing: less memory, more time; per-task loop only);
+      (gradient checkpointing: less memory, more time; per-task loop only; refused while batch norm
+      updates running statistics, which the recomputation would update twice: use ``model.eval()``);
     * per-step parameters ``per_step.<k>.<name>`` in ``params`` (:func:`per_step_params`) replace
       ``name`` while the model is evaluated at inner step ``k``, and ``buffers={k: {name: tensor}}``
       (:func:`per_step_buffers`) gives each step its own batch-norm running statistics (MAML++'s per-step
       batch norm; per-task loop only).
 
-    ``vectorize``: ``'auto'`` (:func:`prefers_vmap`), ``True`` (vmap over tasks) or ``False`` (the per-task
-    loop, the reference). ``vmap_chunk_size=c`` runs the vmap path ``c`` tasks at a time, bounding memory.
+    ``vectorize``: ``'auto'`` (:func:`prefers_vmap`), ``True`` (vmap over tasks; :class:`VectorizeError` where
+    that path is not verified: batch norm, per-step parameters or buffers, ``checkpoint_steps``) or ``False``
+    (the per-task loop, the reference). ``vmap_chunk_size=c`` runs the vmap path ``c`` tasks at a time, bounding memory.
     ``per_task_backward=True`` differentiates each task as soon as its loss is built and frees its graph
     (memory of one task instead of the whole meta-batch, as the training command does), and
     ``task_workers=w`` runs the per-task loop in ``w`` threads, each differentiating its share of the tasks
@@ -464,6 +673,8 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
     """
     _check_params(params)
     _check_batch(batch)
+    _check_inputs(model, params, _batch_tensors(batch))
+    loss_fn = _prepare_loss(loss_fn, {"support_y": batch.support_y, "query_y": batch.query_y})
     _check_reduction(reduction)
     check_positive_int("inner_steps", inner_steps, minimum=0)
     if vmap_chunk_size is not None:
@@ -472,9 +683,12 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, i
     theta, overrides = _step_overrides(theta, inner_steps, buffers)
     names = _check_adapt_names(theta, adapt_names)
     weights = _check_step_weights(step_weights, inner_steps)
-    use_vmap = _use_vmap(model, vectorize) and not checkpoint_steps and overrides is None
-    if checkpoint_steps and vectorize is True:
-        raise ValueError("checkpoint_steps=True runs the per-task loop; it cannot be combined with vectorize=True")
+    use_vmap = _use_vmap(model, vectorize, per_step=overrides is not None, checkpoint_steps=checkpoint_steps)
+    if checkpoint_steps and inner_steps and _updates_running_stats(model):
+        raise ValueError("checkpoint_steps=True cannot be used while batch norm updates running statistics (the "
+                         "model's own, or per-step buffers=): recomputing each inner step in the backward pass would "
+                         "update them a second time. Use checkpoint_steps=False, or model.eval() (running statistics "
+                         "are then only read)")
     options = dict(rates=rates, steps=inner_steps, first_order=first_order, adapt_names=names, loss_fn=loss_fn,
                    weights=weights, overrides=overrides)
     if use_vmap:
@@ -553,7 +767,7 @@ def accumulated_meta_loss(model: nn.Module, task_loss_fn: Callable[[nn.Module, i
             for t in share:
                 loss = task_loss_fn(net, t)
                 grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
-                total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+                total = list(grads) if total is None else [a + b for a, b in zip(total, grads, strict=True)]
                 losses.append(loss.detach())
             return torch.stack(losses), total
 
@@ -655,6 +869,7 @@ def reptile_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr
     """
     _check_params(params)
     _check_batch(batch)
+    _check_inputs(model, params, _batch_tensors(batch))
     check_positive_int("inner_steps", inner_steps)
     if use == "both":
         x = torch.cat([batch.support_x, batch.query_x], 1)
@@ -679,14 +894,18 @@ def reptile_objective(model: nn.Module, **options) -> Callable[[Params, TaskBatc
 
 def meta_gradient(objective: Callable[[Params, TaskBatch], Tensor], params: Params,
                   batch: TaskBatch) -> tuple[Tensor, Params]:
-    """Return ``(loss, {name: d loss / d param})`` for any objective (detached results)."""
+    """Return ``(loss, {name: d loss / d param})`` for any objective (detached results).
+
+    A parameter the objective does not use has gradient zero (returned as zeros of its shape), e.g. the
+    originals of batch-norm weights replaced by per-step copies in ``{**params, **per_step_params(...)}``.
+    """
     _check_params(params)
     names = list(params)
     tensors = [params[n] if params[n].requires_grad else params[n].detach().requires_grad_() for n in names]
     with torch.enable_grad():
-        loss = objective(dict(zip(names, tensors)), batch)
-        grads = torch.autograd.grad(loss, tensors)
-    return loss.detach(), dict(zip(names, grads))
+        loss = objective(dict(zip(names, tensors, strict=True)), batch)
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True, materialize_grads=True)
+    return loss.detach(), dict(zip(names, grads, strict=True))
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -700,6 +919,8 @@ def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inne
     """
     _check_params(params)
     _check_batch(batch)
+    _check_inputs(model, params, _batch_tensors(batch))
+    loss_fn = _prepare_loss(loss_fn, {"support_y": batch.support_y, "query_y": batch.query_y})
     check_positive_int("steps", steps, minimum=0)
     theta, rates = _resolve_inner_lr(inner_lr, {k: v.detach() for k, v in params.items()})
     theta, overrides = _step_overrides(theta, steps, buffers)
@@ -708,11 +929,12 @@ def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inne
     def curve(p, sx, sy, qx, qy, functional):
         path = _trajectory(model, p, sx, sy, rates=rates, steps=steps, first_order=True, adapt_names=names,
                            loss_fn=loss_fn, functional=functional, overrides=overrides)
-        return torch.stack([loss_fn(functional_call(model, {**q, **_at_step(overrides, k)}, (qx,)), qy).detach()
+        return torch.stack([_apply_loss(loss_fn, functional_call(model, {**q, **_at_step(overrides, k)}, (qx,)), qy,
+                                        "query_y").detach()
                             for k, q in enumerate(path)])
 
     with torch.no_grad():
-        if _use_vmap(model, vectorize) and overrides is None:
+        if _use_vmap(model, vectorize, per_step=overrides is not None):
             return vmap(partial(curve, functional=True), in_dims=(None, 0, 0, 0, 0), chunk_size=chunk_size)(
                 theta, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         return torch.stack([curve(theta, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t],

@@ -31,7 +31,7 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
     sizes = [in_features, *[check_positive_int("hidden width", h) for h in hidden], out_features]
     def build() -> nn.Sequential:
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())

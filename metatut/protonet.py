@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from .models import Params
 from .tasks.base import TaskBatch, check_positive_int
+from .tasks.episodes import check_n_way
 
 __all__ = ["prototypes", "protonet_logits", "embed_episodes", "protonet_loss", "protonet_objective",
            "accuracy", "protonet_accuracy", "protonet_predictor"]
@@ -63,6 +64,7 @@ def embed_episodes(model: nn.Module, params: Params, batch: TaskBatch) -> tuple[
 def protonet_loss(model: nn.Module, params: Params, batch: TaskBatch, n_way: int, *, reduction: str = "mean") -> Tensor:
     """Cross-entropy of the query labels under :func:`protonet_logits`: per task the mean over its queries,
     then the mean (``reduction='mean'``) or sum (``'sum'``) over tasks. Differentiable in ``params``."""
+    check_n_way(n_way)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be one of ('mean', 'sum') (got {reduction!r})")
     support, query = embed_episodes(model, params, batch)
@@ -73,7 +75,7 @@ def protonet_loss(model: nn.Module, params: Params, batch: TaskBatch, n_way: int
 
 def protonet_objective(model: nn.Module, n_way: int, **options) -> Callable[[Params, TaskBatch], Tensor]:
     """``objective(params, batch)`` for :func:`metatut.meta_train`: :func:`protonet_loss` with fixed options."""
-    check_positive_int("n_way", n_way)
+    check_n_way(n_way)
     return partial(protonet_loss, model, n_way=n_way, **options)
 
 
@@ -86,6 +88,7 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 @torch.no_grad()
 def protonet_accuracy(model: nn.Module, params: Params, batch: TaskBatch, n_way: int) -> Tensor:
     """Query accuracy of each task ``[tasks]`` (no gradient)."""
+    check_n_way(n_way)
     support, query = embed_episodes(model, params, batch)
     return accuracy(protonet_logits(query, prototypes(support, batch.support_y, n_way)), batch.query_y)
 

@@ -13,9 +13,9 @@ from .accel import autocast, check_precision
 from .functional import _check_params
 from .models import Params
 from .progress import progress
-from .tasks.base import TaskBatch, check_positive_int
+from .tasks.base import TaskBatch, check_generator, check_positive_int
 
-__all__ = ["TrainResult", "StopTraining", "meta_train", "cosine_lr"]
+__all__ = ["TrainResult", "StopTraining", "NonFiniteLossError", "meta_train", "cosine_lr"]
 
 Objective = Callable[[Params, TaskBatch], Tensor]
 Sampler = Callable[[torch.Generator], TaskBatch]
@@ -42,6 +42,29 @@ class StopTraining(Exception):
     """Raise from an ``on_step`` hook to end :func:`meta_train` cleanly after the current step."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """:func:`meta_train` met a NaN or infinite meta-loss or meta-gradient.
+
+    Attributes: ``step`` (the 0-based meta-iteration), ``what`` (``'loss'`` or ``'gradient'``) and ``losses``
+    (the loss history ``[iterations run, the bad one included]``, CPU float). When raised during training
+    (``stop_on_nonfinite=True``) the optimiser step of iteration ``step`` was not taken: the parameters and the
+    optimiser state are those after iteration ``step - 1``, all finite, and can be saved or resumed from.
+
+    Example::
+
+        try:
+            metatut.meta_train(objective, params, sampler, steps=1000, meta_lr=10.0)
+        except metatut.NonFiniteLossError as error:
+            print(error.step, error.what)      # e.g. 17 loss; params hold iteration 16's finite values
+    """
+
+    def __init__(self, step: int, what: str, desc: str = "meta-training", losses: Tensor | None = None):
+        self.step, self.what = step, what
+        self.losses = losses if losses is not None else torch.empty(0)
+        super().__init__(f"{desc}: the {what} became NaN or infinite at step {step}; lower meta_lr or inner_lr, "
+                         "or use fewer inner steps")
+
+
 def cosine_lr(step: int, steps: int, max_lr: float, min_lr: float) -> float:
     """Cosine annealing from ``max_lr`` (step 0) to ``min_lr`` (step ``steps``)."""
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(step, steps) / steps))
@@ -54,13 +77,21 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
                on_step: Callable[[int, Tensor], None] | None = None,
                after_backward: Callable[[Params], None] | None = None,
                log_every: int = 100, desc: str = "meta-training",
-               progress_bar: bool | None = None, check: bool = True, precision: str = "float32") -> TrainResult:
+               progress_bar: bool | None = None, check: bool = True, precision: str = "float32",
+               stop_on_nonfinite: bool = True) -> TrainResult:
     """Minimise ``objective(params, batch)`` over task batches with Adam (in place on ``params``).
 
     ``sample_tasks(generator)`` returns a fresh :class:`TaskBatch` each iteration. The loss is kept on
     the device (no host synchronisation per step) except every ``log_every`` steps for the progress bar.
     With ``check=True`` the run ends by checking its own sanity: finite losses, and a final loss no
     higher than the first (a warning otherwise).
+
+    ``stop_on_nonfinite=True`` (independent of ``check``) stops at the first iteration whose loss or
+    meta-gradient (after ``after_backward``) is NaN or infinite, *before* its optimiser step, and raises
+    :class:`NonFiniteLossError` (a ``FloatingPointError``) with ``.step`` and ``.what``; the parameters and the
+    optimiser state stay those of the last finite iteration. The check reads one flag per iteration from
+    the device (one host synchronisation per step; ``stop_on_nonfinite=False`` removes it, and then only
+    ``check=True`` reports non-finite losses, after the run).
 
     ``lr_schedule='cosine'`` anneals the meta learning rate from ``meta_lr`` to ``min_meta_lr`` over
     ``steps`` (MAML++). An objective with the attribute ``uses_step = True`` (e.g.
@@ -75,6 +106,7 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     :class:`StopTraining` to end the run after that step.
     """
     _check_params(params)
+    check_generator(generator)
     check_positive_int("steps", steps)
     check_positive_int("log_every", log_every)
     check_positive_int("start_step", start_step, minimum=0)
@@ -97,43 +129,60 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     history = torch.full((steps - start_step,), float("nan"), device=device)
     done = start_step
     bar = progress(range(start_step, steps), total=steps, initial=start_step, desc=desc, enabled=progress_bar)
-    for step in bar:
-        if lr_schedule == "cosine":
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, steps, meta_lr, min_meta_lr)
-        batch = sample_tasks(generator)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
-        loss.float().backward()
-        if after_backward is not None:
-            after_backward(params)
-        optimizer.step()
-        history[step - start_step] = loss.detach()
-        done = step + 1
-        if done % log_every == 0 or done == steps:
-            window = history[max(0, done - start_step - log_every): done - start_step]
-            bar.set_postfix(loss=f"{window.mean().item():.4f}")
-        if on_step is not None:
-            try:
-                on_step(step, loss.detach())
-            except StopTraining:
-                break
-    bar.close()
+    try:
+        for step in bar:
+            if lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, steps, meta_lr, min_meta_lr)
+            batch = sample_tasks(generator)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
+            loss.float().backward()
+            if after_backward is not None:
+                after_backward(params)
+            history[step - start_step] = loss.detach()
+            if stop_on_nonfinite:
+                _stop_if_nonfinite(loss, leaves, step, desc, history[: step - start_step + 1])
+            optimizer.step()
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                window = history[max(0, done - start_step - log_every): done - start_step]
+                bar.set_postfix(loss=f"{window.mean().item():.4f}")
+            if on_step is not None:
+                try:
+                    on_step(step, loss.detach())
+                except StopTraining:
+                    break
+    finally:
+        bar.close()
     if lr_schedule == "cosine" and done == steps:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(steps, steps, meta_lr, min_meta_lr)
     losses = history[: done - start_step].float().cpu()
     if check and len(losses):
-        _sanity_check(losses, desc)
+        _sanity_check(losses, desc, start_step)
     return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=done)
 
 
-def _sanity_check(losses: Tensor, desc: str) -> None:
+def _stop_if_nonfinite(loss: Tensor, leaves: list[Tensor], step: int, desc: str, history: Tensor) -> None:
+    """Raise :class:`NonFiniteLossError` (before the optimiser step) when the loss or a gradient is not finite.
+
+    One flag is computed on the device and read once: a single host synchronisation per step."""
+    grads = [p.grad for p in leaves if p.grad is not None]
+    flags = torch.stack([torch.isfinite(loss.detach()).all(), *(torch.isfinite(g).all() for g in grads)])
+    if bool(flags.all()):
+        return
+    what = "loss" if not bool(flags[0]) else "gradient"
+    for p in leaves:
+        p.grad = None
+    raise NonFiniteLossError(step, what, desc, history.detach().float().cpu())
+
+
+def _sanity_check(losses: Tensor, desc: str, start_step: int = 0) -> None:
     if not torch.isfinite(losses).all():
         first_bad = int((~torch.isfinite(losses)).nonzero()[0])
-        raise FloatingPointError(f"{desc}: the loss became NaN or infinite at step {first_bad}; "
-                                 "lower meta_lr or inner_lr")
+        raise NonFiniteLossError(start_step + first_bad, "loss", desc, losses)
     window = max(1, min(50, len(losses) // 10))
     start, end = losses[:window].mean().item(), losses[-window:].mean().item()
     if len(losses) >= 20 and end > start:

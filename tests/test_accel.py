@@ -65,6 +65,10 @@ def test_conv4_with_batch_norm_runs_the_loop_which_matches_batch_norm_written_by
                          batch.support_y, batch.query_x, batch.query_y)
     native_loop = _flat_grad(model, params, batch, inner_lr=0.4, vectorize=False)
     monkeypatch.setattr(torch.nn.modules.batchnorm.F, "batch_norm", _batch_norm_by_hand)
+    # With batch norm written out in elementary operations, vmap through it is verified here: let the engine
+    # take that path (vectorize=True refuses nn.BatchNorm2d otherwise, mt.VectorizeError).
+    monkeypatch.setattr(mt.functional, "VMAP_VERIFIED_LAYERS",
+                        (*mt.functional.VMAP_VERIFIED_LAYERS, torch.nn.BatchNorm2d))
     by_hand_loop = _flat_grad(model, params, batch, inner_lr=0.4, vectorize=False)
     by_hand_vmap = _flat_grad(model, params, batch, inner_lr=0.4, vectorize=True)
     assert _rel(by_hand_vmap, by_hand_loop) < 1e-10
@@ -154,7 +158,7 @@ def test_compiled_vmap_maml_matches_eager(one_thread):
     compiled = accel.compile_objective(objective, enabled=True, vectorized=True)
     eager = torch.autograd.grad(objective(params, batch), list(params.values()))
     fast = torch.autograd.grad(compiled(params, batch), list(params.values()))
-    for a, b in zip(fast, eager):
+    for a, b in zip(fast, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -190,7 +194,7 @@ def test_task_workers_give_the_loop_meta_gradient_in_float64(first_order, reduct
     threaded_loss.backward()
     assert torch.get_num_threads() == threads_before              # intra-op threads restored
     torch.testing.assert_close(threaded_loss.detach(), loop_loss.detach(), rtol=1e-12, atol=0)
-    for name, g in zip(params, loop):
+    for name, g in zip(params, loop, strict=True):
         torch.testing.assert_close(params[name].grad, g, rtol=1e-10, atol=1e-12)
     assert all(p.grad is not None for p in params.values())
 
@@ -245,7 +249,7 @@ def test_per_task_backward_frees_each_task_graph_and_gives_the_loop_gradient():
     for per_task in (False, True):
         saved = []
 
-        def pack(tensor):
+        def pack(tensor, saved=saved):
             saved.append(weakref.ref(tensor))
             return tensor
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

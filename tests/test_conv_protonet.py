@@ -53,7 +53,7 @@ def test_conv4_shapes_and_parameter_count():
     (dict(batch_norm="group"), r"batch_norm must be one of \('batch', 'running', 'none'\)"),
     (dict(downsample="avg"), "downsample must be one of"),
     (dict(hidden=0), "hidden must be an int >= 1"),
-    (dict(num_classes=0), "num_classes must be an int >= 1"),
+    (dict(num_classes=0), "num_classes must be an int >= 2"),           # a 1-class head: loss exactly 0
     (dict(image_size=8), "image_size must be an int >= 16"),
 ])
 def test_conv4_bad_arguments(kwargs, message):
@@ -92,13 +92,13 @@ def reference_maml_gradient(model, params, batch, inner_lr, steps):
     for t in range(batch.num_tasks):
         fast = list(leaves)
         for _ in range(steps):
-            logits = functional_call(model, dict(zip(names, fast)), (batch.support_x[t],))
+            logits = functional_call(model, dict(zip(names, fast, strict=True)), (batch.support_x[t],))
             grads = torch.autograd.grad(F.cross_entropy(logits, batch.support_y[t]), fast, create_graph=True)
-            fast = [w - inner_lr * g for w, g in zip(fast, grads)]
-        logits = functional_call(model, dict(zip(names, fast)), (batch.query_x[t],))
+            fast = [w - inner_lr * g for w, g in zip(fast, grads, strict=True)]
+        logits = functional_call(model, dict(zip(names, fast, strict=True)), (batch.query_x[t],))
         total = total + F.cross_entropy(logits, batch.query_y[t])
     loss = total / batch.num_tasks
-    return loss, dict(zip(names, torch.autograd.grad(loss, leaves)))
+    return loss, dict(zip(names, torch.autograd.grad(loss, leaves), strict=True))
 
 
 def test_maml_meta_gradient_through_conv4_matches_a_per_task_loop():

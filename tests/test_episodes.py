@@ -96,9 +96,9 @@ def test_omniglot_images_object_is_accepted():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(n_way=13), ValueError, r"n_way must be an int in \[1, 12\]"),
+    (dict(n_way=13), ValueError, r"n_way must be an int in \[2, 12\]"),      # 1-way: loss exactly 0
     (dict(k_shot=10, q_query=11), ValueError, r"k_shot \+ q_query must be at most 20 .*k_shot=10, q_query=11"),
-    (dict(n_way=0), ValueError, "n_way must be an int >= 1"),
+    (dict(n_way=0), ValueError, "n_way must be an int >= 2"),
     (dict(k_shot=-1), ValueError, "k_shot must be an int >= 1"),
     (dict(q_query=0), ValueError, "q_query must be an int >= 1"),
     (dict(num_tasks=0), ValueError, "num_tasks must be an int >= 1"),

@@ -16,7 +16,7 @@ def setup(tasks=4, shots=8, seed=0, hidden=(16, 16)):
 
 
 def grads(loss, params):
-    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
 def assert_dicts_close(a, b, **tol):

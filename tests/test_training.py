@@ -146,5 +146,5 @@ def test_seeded_mlp_is_reproducible_and_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     a, b = mt.mlp(seed=7), mt.mlp(seed=7)
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert not torch.equal(a[0].weight, mt.mlp(seed=8)[0].weight)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "check_positive_int", "check_range"]
+__all__ = ["TaskBatch", "check_positive_int", "check_range", "check_generator"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -19,14 +21,28 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 
 def check_range(name: str, bounds) -> tuple[float, float]:
-    """Raise a clear error unless ``bounds`` is a pair ``(low, high)`` with ``low <= high``."""
+    """Raise a clear error unless ``bounds`` is a pair ``(low, high)`` of finite numbers with ``low <= high``."""
     try:
         low, high = (float(b) for b in bounds)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a pair (low, high) of numbers (got {bounds!r})") from None
-    if not low <= high:
-        raise ValueError(f"{name} must satisfy low <= high (got {bounds!r})")
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"{name} must satisfy low <= high with finite low and high (got {bounds!r})")
     return low, high
+
+
+def check_generator(generator) -> torch.Generator | None:
+    """Return ``generator`` if it is a ``torch.Generator`` or None; raise a ``TypeError`` saying how to make one.
+
+    Example::
+
+        check_generator(metatut.make_generator(0))   # returns it
+        check_generator(0)                           # TypeError: generator must be a torch.Generator ...
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (e.g. metatut.make_generator(0)) or None "
+                        f"(got {generator!r})")
+    return generator
 
 
 @dataclass(frozen=True)
@@ -47,7 +63,7 @@ class TaskBatch:
     def __post_init__(self) -> None:
         names = ("support_x", "support_y", "query_x", "query_y")
         tensors = [getattr(self, n) for n in names]
-        for name, t in zip(names, tensors):
+        for name, t in zip(names, tensors, strict=True):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor (got {type(t).__name__})")
             if t.dim() < 2:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import TaskBatch, check_positive_int
+from .base import TaskBatch, check_generator, check_positive_int
 
-__all__ = ["sample_episodes", "EpisodeSampler"]
+__all__ = ["sample_episodes", "EpisodeSampler", "check_n_way"]
 
 
 def _as_images(images) -> Tensor:
@@ -33,17 +33,35 @@ def _as_images(images) -> Tensor:
 def _check_episode(images: Tensor, num_tasks, n_way, k_shot, q_query) -> None:
     classes, per_class = images.shape[:2]
     check_positive_int("num_tasks", num_tasks)
-    check_positive_int("n_way", n_way)
+    check_n_way(n_way)
     check_positive_int("k_shot", k_shot)
     check_positive_int("q_query", q_query)
     if n_way > classes:
-        raise ValueError(f"n_way must be an int in [1, {classes}] (the number of classes) (got {n_way})")
+        raise ValueError(f"n_way must be an int in [2, {classes}] (the number of classes) (got {n_way})")
     if k_shot + q_query > per_class:
         raise ValueError(f"k_shot + q_query must be at most {per_class} (the images per class) "
                          f"(got k_shot={k_shot}, q_query={q_query})")
 
 
+def check_n_way(n_way, name: str = "n_way") -> int:
+    """Return ``n_way`` if it is an int >= 2, else raise a clear error: a task of one class has every label 0,
+    so its cross-entropy loss and meta-gradient are exactly 0 and nothing is learned.
+
+    Example::
+
+        check_n_way(5)    # 5
+        check_n_way(1)    # ValueError: n_way must be an int >= 2 ...
+    """
+    if isinstance(n_way, bool) or not isinstance(n_way, int):
+        raise TypeError(f"{name} must be an int >= 2 (got {n_way!r})")
+    if n_way < 2:
+        raise ValueError(f"{name} must be an int >= 2 (with one class every label is 0, so the loss and "
+                         f"meta-gradient are exactly 0) (got {n_way})")
+    return n_way
+
+
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    check_generator(generator)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator lives on {generator.device} but the images are on {device}; make the generator "
                          "on the images' device (metatut.make_generator(seed, device))")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import TaskBatch, check_positive_int, check_range
+from .base import TaskBatch, check_generator, check_positive_int, check_range
 
 __all__ = ["SinusoidTasks", "LinearTasks"]
 
@@ -18,6 +18,7 @@ def _uniform(shape, bounds, generator, device, dtype) -> Tensor:
 
 
 def _generator_device(generator: torch.Generator | None, device) -> torch.device:
+    check_generator(generator)
     if generator is not None:
         if device is not None and torch.device(device).type != generator.device.type:
             raise ValueError(f"generator lives on {generator.device} but device={device!r} was asked for; "
