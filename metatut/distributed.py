@@ -68,6 +68,15 @@ class DistributedContext:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def all_ok(self, ok: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+        """True when ``ok`` holds on every rank (an all-reduce with MIN; ``device`` is where the collective
+        runs: the GPU with NCCL). With one process, just ``bool(ok)`` (a host sync for a tensor)."""
+        if not self.enabled:
+            return bool(ok)
+        flag = torch.as_tensor(ok, device=device).detach().to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
