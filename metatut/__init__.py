@@ -11,16 +11,27 @@ A model is an ``nn.Module`` plus a dict of parameters; algorithms are pure funct
 from .budget import data_dir, pick, profile
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .device import make_generator, pick_device
-from .evaluate import Summary, adapted_accuracy, adapted_predictor, evaluate_adaptation, summarize, held_out_episodes
-from . import accel, data
+from .evaluate import (
+    Summary,
+    adaptation_curve,
+    adapted_accuracy,
+    adapted_predictor,
+    evaluate_adaptation,
+    held_out_episodes,
+    summarize,
+)
+from . import accel, data, engine, functional, validate
 from . import timing
 from .conv import Conv4, conv4
-from .functional import (
+from .engine import (
+    ExecutionOptions,
     MAMLObjective,
+    MetaOptions,
     VectorizeError,
+    VectorizeWarning,
     adapt,
-    adaptation_curve,
     can_vectorize,
+    register_vmap_verified,
     prefers_vmap,
     final_layer_names,
     inner_step,
@@ -68,4 +79,5 @@ __all__ = [
     "accel", "timing", "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
     "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
     "protonet_predictor", "accuracy", "embed_episodes", "VectorizeError", "NonFiniteLossError", "CheckpointError",
+    "MetaOptions", "ExecutionOptions", "VectorizeWarning", "register_vmap_verified", "engine", "functional", "validate",
 ]

@@ -32,7 +32,17 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def check_precision(precision: str) -> str:
-    """Return ``precision`` if it is one of :data:`PRECISIONS`, else raise a ``ValueError`` naming them."""
+    """Return ``precision`` if it is one of :data:`PRECISIONS`, else raise a ``ValueError`` naming them.
+
+    Example::
+
+        >>> check_precision("bfloat16")
+        'bfloat16'
+        >>> check_precision("fp16")
+        Traceback (most recent call last):
+        ...
+        ValueError: precision must be one of ('float32', 'bfloat16') (got 'fp16')
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
     return precision
@@ -40,7 +50,13 @@ def check_precision(precision: str) -> str:
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
     """True when ``device`` computes bfloat16 matrix products natively (CUDA compute >= 8.0; CPU with
-    AVX512-BF16 or AMX as oneDNN reports; MPS: assumed, as on macOS 14 and later)."""
+    AVX512-BF16 or AMX as oneDNN reports; MPS: assumed, as on macOS 14 and later).
+
+    Example::
+
+        >>> isinstance(bf16_supported("cpu"), bool)
+        True
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -57,6 +73,16 @@ def autocast(device: str | torch.device, precision: str = "float32"):
 
     ``'float32'`` does nothing; ``'bfloat16'`` is ``torch.autocast(device.type, dtype=torch.bfloat16)``.
     Call ``backward`` (or the optimiser) outside the context, as PyTorch recommends.
+
+    Example::
+
+        >>> a = torch.ones(2, 2)
+        >>> with autocast("cpu", "float32"):
+        ...     (a @ a).dtype
+        torch.float32
+        >>> with autocast("cpu", "bfloat16"):
+        ...     (a @ a).dtype
+        torch.bfloat16
     """
     check_precision(precision)
     if precision == "float32":
@@ -73,6 +99,11 @@ def supports_double_backward(device: str | torch.device) -> bool | str:
 
     Runs a tiny probe once per device type and caches the answer; returns the error message
     (a str, which is falsy only when empty) when it fails, so callers can say why.
+
+    Example::
+
+        >>> supports_double_backward("cpu")
+        True
     """
     device = torch.device(device)
     if device.type not in _DOUBLE_BACKWARD:
@@ -92,7 +123,13 @@ def supports_double_backward(device: str | torch.device) -> bool | str:
 
 def maml_device(prefer: str | torch.device | None = None, *, second_order: bool = True) -> torch.device:
     """:func:`metatut.pick_device`, falling back to the CPU (with a warning saying why) when the device
-    cannot take second-order MAML's double backward (some operations on Apple MPS)."""
+    cannot take second-order MAML's double backward (some operations on Apple MPS).
+
+    Example::
+
+        >>> maml_device("cpu")
+        device(type='cpu')
+    """
     device = pick_device(prefer)
     if second_order and device.type != "cpu":
         answer = supports_double_backward(device)
@@ -111,6 +148,16 @@ def compile_objective(objective: Callable, *, enabled: bool, vectorized: bool = 
     ``vectorized`` says whether the objective runs the vmap path (then both orders compile, since the
     inner gradient is traced into the graph); the per-task loop compiles only in first order.
     Raises a ``ValueError`` for the combination that cannot work, before any compilation starts.
+
+    Example::
+
+        >>> objective = lambda params, batch: 0.0
+        >>> compile_objective(objective, enabled=False) is objective
+        True
+        >>> compile_objective(objective, enabled=True, vectorized=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: compile=True needs the vmap path or first-order MAML: ...
     """
     if not enabled:
         return objective

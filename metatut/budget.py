@@ -1,14 +1,4 @@
-"""One place that decides how much compute a notebook or script spends, and checks the environment.
-
-Three profiles:
-
-* ``ci``     - seconds to a few minutes on 2 CPU cores; chosen by ``METATUT_FAST=1``
-  (the test command sets it).
-* ``laptop`` - the default on a CPU: minutes.
-* ``gpu``    - paper scale; chosen automatically when CUDA is available.
-
-``METATUT_BUDGET=ci|laptop|gpu`` overrides the automatic choice. Notebooks never hard-code two
-versions of a cell: they call :func:`pick` with the three values.
+"""The environment settings metatut reads, the data folder, and (re-exported) the budget profiles.
 
 The settings metatut reads from the environment (an empty value counts as unset):
 
@@ -23,23 +13,38 @@ The settings metatut reads from the environment (an empty value counts as unset)
 A value outside these raises :class:`ValueError` naming the variable and the allowed values, never a
 silent fallback; :func:`check_environment` checks them all at once (a command calls it before it writes
 anything).
+
+The budget profiles (``ci``, ``laptop``, ``gpu``: :func:`profile`, :func:`pick`, :data:`PROFILES`,
+:func:`quiet`) live in :mod:`metatut.course.budget` and are re-exported here (``mt.pick``, ``mt.profile``).
+
+**Where data goes** (:func:`data_dir`), first match wins:
+
+1. ``$METATUT_DATA`` when set;
+2. the checkout's ``data/`` folder when metatut runs from a source checkout (the folder above the
+   ``metatut`` package holds ``pyproject.toml`` and ``data/README.md``: an editable install or the
+   repository on ``sys.path``);
+3. a per-user cache folder, following the platform's convention (:func:`user_cache_dir`):
+   Linux and other POSIX systems ``$XDG_CACHE_HOME/metatut`` or ``~/.cache/metatut``, macOS
+   ``~/Library/Caches/metatut``, Windows ``%LOCALAPPDATA%\\metatut\\Cache``.
+
+An installed wheel therefore never writes into ``site-packages``.
 """
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
 
-import torch
+__all__ = ["PROFILES", "FLAG_VALUES", "profile", "pick", "data_dir", "default_data_dir", "user_cache_dir",
+           "quiet", "env_flag", "check_environment"]
 
-__all__ = ["PROFILES", "FLAG_VALUES", "profile", "pick", "data_dir", "quiet", "env_flag", "check_environment"]
-
-PROFILES = ("ci", "laptop", "gpu")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 #: The values a yes/no setting (``METATUT_FAST``, ``METATUT_PROGRESS``) accepts, case-insensitive.
 FLAG_VALUES = _TRUE + _FALSE
-T = TypeVar("T")
+#: The ``metatut`` package folder (tests point it elsewhere to exercise each branch of :func:`default_data_dir`).
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _setting(name: str) -> str | None:
@@ -82,43 +87,6 @@ def env_flag(name: str) -> bool | None:
                      "(case-insensitive), or unset it")
 
 
-def _budget() -> str | None:
-    value = _setting("METATUT_BUDGET")
-    if value is None:
-        return None
-    if value.lower() not in PROFILES:
-        raise ValueError(f"METATUT_BUDGET must be one of {PROFILES} (case-insensitive), or unset to choose "
-                         f"automatically (got {value!r})")
-    return value.lower()
-
-
-def profile() -> str:
-    """The active budget profile: ``'ci'``, ``'laptop'`` or ``'gpu'``.
-
-    ``METATUT_BUDGET`` if set, else ``ci`` under ``METATUT_FAST=1``, else ``gpu`` with CUDA, else ``laptop``.
-    A value outside the allowed ones (see the module docstring) raises :class:`ValueError`.
-    """
-    forced = _budget()
-    fast = env_flag("METATUT_FAST")      # checked even when METATUT_BUDGET decides
-    if forced:
-        return forced
-    if fast:
-        return "ci"
-    if torch.cuda.is_available():
-        return "gpu"
-    return "laptop"
-
-
-def pick(*, ci: T, laptop: T, gpu: T | None = None) -> T:
-    """Return the value for the active profile (``gpu`` defaults to ``laptop``)."""
-    active = profile()
-    if active == "ci":
-        return ci
-    if active == "gpu" and gpu is not None:
-        return gpu
-    return laptop
-
-
 def _data_problem(path: Path, writable: bool = True) -> str | None:
     """Why ``path`` cannot serve as METATUT_DATA (without creating anything), or None. ``writable``: also
     require that it can be written (or created)."""
@@ -139,13 +107,75 @@ def _data_problem(path: Path, writable: bool = True) -> str | None:
     return None
 
 
-def data_dir(create: bool = True) -> Path:
-    """Folder for datasets, caches and downloads: ``METATUT_DATA`` or ``<repo>/data``.
+def user_cache_dir(platform: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The per-user cache folder for metatut on ``platform`` (default ``sys.platform``).
 
-    Raises :class:`ValueError` if ``METATUT_DATA`` names a file (or a path under one), or cannot be created.
+    Linux and other POSIX systems: ``$XDG_CACHE_HOME/metatut`` (an absolute path; else ignored, as the XDG
+    specification says) or ``~/.cache/metatut``; macOS (``darwin``): ``~/Library/Caches/metatut``; Windows
+    (``win32``, ``cygwin``): ``%LOCALAPPDATA%\\metatut\\Cache`` or ``~/AppData/Local/metatut/Cache``.
+    ``environ`` defaults to ``os.environ``; nothing is created.
+
+    Example::
+
+        >>> user_cache_dir("linux", {"XDG_CACHE_HOME": "/tmp/xdg"}).as_posix()
+        '/tmp/xdg/metatut'
+        >>> user_cache_dir("darwin", {}).parts[-3:]
+        ('Library', 'Caches', 'metatut')
+        >>> user_cache_dir("win32", {"LOCALAPPDATA": "/tmp/local"}).as_posix()
+        '/tmp/local/metatut/Cache'
+    """
+    platform = sys.platform if platform is None else platform
+    environ = os.environ if environ is None else environ
+    if platform.startswith(("win32", "cygwin")):
+        local = (environ.get("LOCALAPPDATA") or "").strip()
+        base = Path(local) if local else Path.home() / "AppData" / "Local"
+        return base / "metatut" / "Cache"
+    if platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "metatut"
+    xdg = (environ.get("XDG_CACHE_HOME") or "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "metatut"
+
+
+def _checkout_data_dir() -> Path | None:
+    """``<checkout>/data`` when the package runs from a source checkout, else None."""
+    root = _PACKAGE_DIR.parent
+    if (root / "pyproject.toml").is_file() and (root / "data" / "README.md").is_file():
+        return root / "data"
+    return None
+
+
+def default_data_dir() -> Path:
+    """The data folder when ``METATUT_DATA`` is unset: the checkout's ``data/`` or :func:`user_cache_dir`.
+
+    Example::
+
+        >>> folder = default_data_dir()
+        >>> folder.name in ("data", "metatut", "Cache") and "site-packages" not in folder.parts
+        True
+    """
+    return _checkout_data_dir() or user_cache_dir()
+
+
+def data_dir(create: bool = True) -> Path:
+    """Folder for datasets, caches and downloads (created unless ``create=False``).
+
+    ``$METATUT_DATA`` if set; else, in a source checkout, its ``data/``; else the per-user cache folder
+    (:func:`user_cache_dir`: ``~/.cache/metatut`` on Linux, ``~/Library/Caches/metatut`` on macOS,
+    ``%LOCALAPPDATA%\\metatut\\Cache`` on Windows) - never ``site-packages``. Raises :class:`ValueError`
+    if ``METATUT_DATA`` names a file (or a path under one), or cannot be created.
+
+    Example::
+
+        >>> import os
+        >>> saved = os.environ.get("METATUT_DATA")
+        >>> os.environ["METATUT_DATA"] = "/tmp/metatut-example-data"
+        >>> data_dir(create=False).as_posix()
+        '/tmp/metatut-example-data'
+        >>> _ = os.environ.pop("METATUT_DATA") if saved is None else os.environ.update(METATUT_DATA=saved)
     """
     env = _setting("METATUT_DATA")
-    path = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "data"
+    path = Path(env).expanduser() if env else default_data_dir()
     if env:
         if path.exists() and not path.is_dir():
             raise ValueError(f"METATUT_DATA={env!r} is a file; it must be a folder (created if missing)")
@@ -158,17 +188,6 @@ def data_dir(create: bool = True) -> Path:
     elif create:
         path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def quiet() -> bool:
-    """True when progress bars should stay silent (CI profile, or ``METATUT_PROGRESS=0``).
-
-    ``METATUT_PROGRESS`` takes the yes/no values of :func:`env_flag`; another value raises ValueError.
-    """
-    setting = env_flag("METATUT_PROGRESS")
-    if setting is not None:
-        return not setting
-    return profile() == "ci"
 
 
 def check_environment() -> dict:
@@ -190,6 +209,7 @@ def check_environment() -> dict:
         True
         >>> del os.environ["METATUT_PROGRESS"]
     """
+    from .course.budget import _budget
     from .device import check_device_setting
 
     problems: list[str] = []
@@ -206,7 +226,7 @@ def check_environment() -> dict:
     attempt("budget", _budget)
     attempt("device", check_device_setting)
     env = _setting("METATUT_DATA")
-    path = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "data"
+    path = Path(env).expanduser() if env else default_data_dir()
     problem = _data_problem(path, writable=bool(env))   # the default folder is only needed by data loading
     if problem:
         problems.append(problem if env else problem.replace("METATUT_DATA=", "the default data folder (METATUT_DATA "
@@ -217,3 +237,8 @@ def check_environment() -> dict:
     if settings["budget"] is None:
         settings["budget"] = profile()
     return settings
+
+
+# The budget profiles live with the course (metatut.course.budget: torch only, no course extra); re-exported
+# here for ``mt.pick``/``mt.profile`` and the old import paths. Imported last: that module reads env_flag above.
+from .course.budget import PROFILES, pick, profile, quiet  # noqa: E402

@@ -42,7 +42,19 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """A checkpoint that holds objects other than tensors and plain data, refused by
-    ``torch.load(weights_only=True)`` (loading it fully could run arbitrary code)."""
+    ``torch.load(weights_only=True)`` (loading it fully could run arbitrary code).
+
+    Example::
+
+        >>> import argparse, pickle, tempfile, pathlib
+        >>> foreign = pathlib.Path(tempfile.mkdtemp()) / "foreign.pt"
+        >>> torch.save({"config": argparse.Namespace(lr=0.1)}, foreign)   # an object, not plain data
+        >>> try:
+        ...     load_checkpoint(foreign)
+        ... except pickle.UnpicklingError as err:                          # also a CheckpointError
+        ...     print(type(err).__name__, "could run arbitrary code" in str(err))
+        UnsafeCheckpointError True
+    """
 
 
 def _fail(path: Path, what: str, kind: type[CheckpointError] = CheckpointError, todo: str = _WHAT_TO_DO
@@ -87,6 +99,22 @@ def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch
     ``extra`` holds anything else needed to resume exactly (tensors such as RNG states, plain data).
     The file is replaced atomically (a reader, or a run killed at any instant, sees the old checkpoint or
     the new one); temporaries of earlier writers of ``path`` that were killed before renaming are deleted.
+    ``config`` and ``extra`` must load with ``weights_only=True``: :class:`TypeError` otherwise. Returns
+    ``path`` as a :class:`~pathlib.Path`.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "step10.pt"
+        >>> params = {"w": torch.zeros(2, 3, requires_grad=True), "b": torch.zeros(3, requires_grad=True)}
+        >>> optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+        >>> save_checkpoint(path, params, optimizer=optimizer, config={"inner_lr": 0.01}, step=10,
+        ...                 extra={"rng": torch.get_rng_state()}).name
+        'step10.pt'
+        >>> save_checkpoint(path, params, config={"model": object()})
+        Traceback (most recent call last):
+            ...
+        TypeError: config['model'] must hold only str, int, float, bool, None, lists and dicts (got object), ...
     """
     config = dict(config or {})
     _check_config(config)
@@ -119,6 +147,27 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, optimizer: torch.op
     tensors or plain data, and :class:`CheckpointError` for anything else wrong with it (a folder, an
     empty or truncated file, random bytes, another program's file, missing or mistyped entries, optimiser
     state that does not fit ``optimizer``).
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "step10.pt"
+        >>> params = {"w": torch.zeros(2, 3, requires_grad=True)}
+        >>> _ = save_checkpoint(path, params, optimizer=torch.optim.Adam(params.values()),
+        ...                     config={"inner_lr": 0.01}, step=10)
+        >>> state = load_checkpoint(path)
+        >>> state["step"], state["config"], state["params"]["w"].shape, state["params"]["w"].requires_grad
+        (10, {'inner_lr': 0.01}, torch.Size([2, 3]), True)
+
+    Resuming: build the optimiser over the loaded parameters, then restore its state into it::
+
+        >>> params = load_checkpoint(path)["params"]
+        >>> optimizer = torch.optim.Adam(params.values())
+        >>> _ = load_checkpoint(path, optimizer=optimizer)   # keep training ``params`` with ``optimizer``
+        >>> load_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "missing.pt")
+        Traceback (most recent call last):
+            ...
+        FileNotFoundError: no checkpoint at .../missing.pt
     """
     path = Path(path)
     if not path.exists():

@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .tasks.base import check_positive_int
-from .tasks.episodes import check_n_way
+from .validate import check_n_way, check_positive_int
 
 __all__ = ["BATCH_NORM_MODES", "DOWNSAMPLE_MODES", "Conv4", "conv4"]
 
@@ -46,7 +45,22 @@ class Conv4(nn.Module):
     (``batch_norm``, ``downsample``, ``hidden``, ...) and appear in ``repr(model)``. ``model.fast`` (default
     True) pools before the ReLU, the same function a little cheaper; ``False`` runs the blocks as the plain
     ``nn.Sequential`` they are stored as.
+
+    ``vmap_safe = True``: its own forward (shape check, blocks, flatten, head) batches correctly under
+    ``torch.func.vmap`` (:mod:`metatut.engine.policy`); its layers are judged one by one, so with batch norm
+    the model still runs the per-task loop.
+
+    Example::
+
+        >>> model = Conv4(5, hidden=8, image_size=16)
+        >>> model(torch.rand(2, 1, 16, 16)).shape                          # [batch, num_classes] logits
+        torch.Size([2, 5])
+        >>> Conv4(None, hidden=8, image_size=16)(torch.rand(2, 1, 16, 16)).shape   # [batch, embedding_dim]
+        torch.Size([2, 8])
     """
+
+    #: Honoured by :func:`metatut.engine.policy.judge` (a class attribute, as for any user's module).
+    vmap_safe = True
 
     def __init__(self, num_classes: int | None = 5, *, hidden: int = 64, in_channels: int = 1,
                  image_size: int = 28, batch_norm: str = "batch", downsample: str = "maxpool") -> None:
@@ -111,7 +125,16 @@ class Conv4(nn.Module):
 
 def conv4(num_classes: int | None = 5, *, hidden: int = 64, in_channels: int = 1, image_size: int = 28,
           batch_norm: str = "batch", downsample: str = "maxpool", seed: int | None = None) -> Conv4:
-    """Build :class:`Conv4`; ``seed`` makes the initialisation reproducible without touching the global RNG."""
+    """Build :class:`Conv4`; ``seed`` makes the initialisation reproducible without touching the global RNG.
+
+    Example::
+
+        >>> model = conv4(3, hidden=4, image_size=16, batch_norm="none", seed=0)
+        >>> torch.equal(model.head.weight, conv4(3, hidden=4, image_size=16, batch_norm="none", seed=0).head.weight)
+        True
+        >>> model.batch_norm, model.embedding_dim, model.head
+        ('none', 4, Linear(in_features=4, out_features=3, bias=True))
+    """
     if seed is None:
         return Conv4(num_classes, hidden=hidden, in_channels=in_channels, image_size=image_size,
                      batch_norm=batch_norm, downsample=downsample)

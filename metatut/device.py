@@ -49,10 +49,18 @@ def check_device_setting() -> torch.device | None:
     Example::
 
         >>> import os
-        >>> os.environ["METATUT_DEVICE"] = "cpu"
-        >>> check_device_setting()
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"METATUT_DEVICE": "cpu"}):
+        ...     check_device_setting()
         device(type='cpu')
-        >>> del os.environ["METATUT_DEVICE"]
+        >>> with mock.patch.dict(os.environ, {"METATUT_DEVICE": ""}):
+        ...     print(check_device_setting())                   # unset or empty: choose automatically
+        None
+        >>> with mock.patch.dict(os.environ, {"METATUT_DEVICE": "tpu"}):
+        ...     check_device_setting()
+        Traceback (most recent call last):
+            ...
+        ValueError: METATUT_DEVICE='tpu' is not a device this library runs on: device must be one of ...
     """
     value = (os.environ.get("METATUT_DEVICE") or "").strip()
     if not value:
@@ -68,6 +76,22 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     Order: the ``prefer`` argument, then the ``METATUT_DEVICE`` environment variable, then CUDA,
     then Apple MPS, then CPU. Asking for a device that is not available raises a clear error
     instead of silently falling back (naming ``METATUT_DEVICE`` when the request came from there).
+
+    Example::
+
+        >>> pick_device("cpu")
+        device(type='cpu')
+        >>> pick_device().type in ("cuda", "mps", "cpu")      # METATUT_DEVICE, else the best available
+        True
+        >>> import os
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"METATUT_DEVICE": "cpu"}):
+        ...     pick_device()
+        device(type='cpu')
+        >>> pick_device("tpu")
+        Traceback (most recent call last):
+            ...
+        ValueError: device must be one of ('cpu', 'cuda', 'mps') (got 'tpu')
     """
     if prefer is None:
         from_env = check_device_setting()
@@ -90,7 +114,17 @@ def _mps_available() -> bool:
 
 
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A seeded ``torch.Generator`` living on ``device`` (so sampling happens there)."""
+    """A seeded ``torch.Generator`` living on ``device`` (so sampling happens there).
+
+    Example::
+
+        >>> g = make_generator(0)
+        >>> g.device
+        device(type='cpu')
+        >>> torch.equal(torch.randn(2, 3, generator=make_generator(0)),  # same seed, same draws
+        ...             torch.randn(2, 3, generator=make_generator(0)))
+        True
+    """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int (got {type(seed).__name__})")
     device = torch.device(device)

@@ -21,22 +21,55 @@ __all__ = ["DistributedContext", "init_distributed", "stream_seed"]
 
 
 def stream_seed(seed: int, stream: int) -> int:
-    """Seed of task stream ``stream`` (a shard of the meta-batch) for a run seeded with ``seed``."""
+    """Seed of task stream ``stream`` (a shard of the meta-batch) for a run seeded with ``seed``.
+
+    Rank ``r`` samples its share of every meta-batch from the stream seeded ``stream_seed(seed, r)``:
+    distinct streams for distinct ranks, the same ones on every rerun.
+
+    Example::
+
+        >>> [stream_seed(0, rank) for rank in range(4)]
+        [0, 1, 2, 3]
+        >>> stream_seed(1, 2)
+        1000005
+    """
     return seed * 1_000_003 + stream
 
 
 class DistributedContext:
-    """Rank, world size and the gradient all-reduce; a no-op for a single process."""
+    """Rank, world size and the gradient all-reduce; a no-op for a single process.
+
+    :func:`init_distributed` builds one from ``torchrun``'s environment. With one process every collective
+    returns its input, so a training loop written against this class runs unchanged without ``torchrun``.
+
+    Example (a single process)::
+
+        >>> ctx = DistributedContext()                       # rank 0 of 1
+        >>> ctx.enabled, ctx.is_main
+        (False, True)
+        >>> params = {"w": torch.zeros(2, 3, requires_grad=True)}
+        >>> params["w"].grad = torch.ones(2, 3)             # [2, 3], as after loss.backward()
+        >>> ctx.average_gradients(params)                    # with N ranks: the mean of the N gradients
+        >>> params["w"].grad.shape
+        torch.Size([2, 3])
+        >>> ctx.gather(torch.arange(3))                      # one [3] tensor per rank
+        [tensor([0, 1, 2])]
+        >>> ctx.mean(torch.tensor(0.25)), ctx.all_ok(torch.tensor(True))
+        (tensor(0.2500), True)
+        >>> ctx.barrier(); ctx.close()
+    """
 
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
         self.rank, self.world_size = rank, world_size
 
     @property
     def enabled(self) -> bool:
+        """True with more than one process (then the methods run collectives)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes checkpoints, logs and metrics."""
         return self.rank == 0
 
     def average_gradients(self, params: Params) -> None:
@@ -62,6 +95,7 @@ class DistributedContext:
         return out
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` (same shape on all ranks) over the ranks; ``value`` itself with one process."""
         if not self.enabled:
             return value
         value = value.clone()
@@ -78,17 +112,29 @@ class DistributedContext:
         return bool(flag.item() > 0)
 
     def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to do with one process)."""
         if self.enabled:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group (nothing to do with one process)."""
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def init_distributed(device: torch.device) -> DistributedContext:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1),
-    with NCCL on CUDA and gloo otherwise; a single-process context when not launched that way."""
+    with NCCL on CUDA and gloo otherwise; a single-process context when not launched that way.
+
+    Example (not launched by ``torchrun``: ``WORLD_SIZE`` unset or 1)::
+
+        >>> import os
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"WORLD_SIZE": "1"}):
+        ...     ctx = init_distributed(torch.device("cpu"))
+        >>> ctx.rank, ctx.world_size, ctx.enabled
+        (0, 1, False)
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistributedContext()

@@ -11,16 +11,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .functional import LossFn, adapt, adaptation_curve
+from .engine.conventions import at_step, resolve_inner_lr, step_overrides
+from .engine.execution import over_tasks
+from .engine.inner_loop import LossFn, adapt, trajectory
+from .engine.policy import Probe, use_vmap
 from .models import Params
-from .tasks.base import TaskBatch, check_positive_int
+from .tasks.base import TaskBatch
+from .tasks.episodes import held_out_episodes
+from .validate import (
+    apply_loss,
+    batch_tensors,
+    check_adapt_names,
+    check_batch,
+    check_inputs,
+    check_params,
+    check_positive_int,
+    prepare_loss,
+)
 
-__all__ = ["Summary", "summarize", "evaluate_adaptation", "adapted_accuracy", "adapted_predictor", "held_out_episodes"]
+__all__ = ["Summary", "summarize", "adaptation_curve", "evaluate_adaptation", "adapted_accuracy", "adapted_predictor",
+           "held_out_episodes"]
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean of ``n`` per-task values with the half-width of its 95% confidence interval."""
+    """Mean of ``n`` per-task values with the half-width of its 95% confidence interval.
+
+    Example::
+
+        >>> summary = Summary(mean=0.5, ci95=0.02, n=600)
+        >>> print(summary), f"{summary:.1f}"
+        0.500 ± 0.020 (n=600)
+        (None, '0.5 ± 0.0')
+    """
 
     mean: float
     ci95: float
@@ -36,7 +59,13 @@ class Summary:
 
 
 def summarize(values: Tensor | Sequence[float]) -> Summary:
-    """Mean ± 1.96·σ/√n of per-task values (σ: sample standard deviation; the papers use n = 600)."""
+    """Mean ± 1.96·σ/√n of per-task values ``[n]`` (σ: sample standard deviation; the papers use n = 600).
+
+    Example::
+
+        >>> summarize([1.0, 2.0, 3.0])
+        Summary(mean=2.0, ci95=1.1316..., n=3)
+    """
     v = torch.as_tensor(values, dtype=torch.float64).detach().flatten().cpu()
     if v.numel() < 2:
         raise ValueError(f"values must hold at least 2 numbers to estimate a confidence interval (got {v.numel()})")
@@ -46,6 +75,45 @@ def summarize(values: Tensor | Sequence[float]) -> Summary:
     return Summary(float(v.mean()), float(1.96 * v.std(unbiased=True) / math.sqrt(n)), n)
 
 
+def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, steps: int,
+                     adapt_names=None, buffers=None, loss_fn: LossFn = F.mse_loss, vectorize="auto",
+                     chunk_size: int | None = None) -> Tensor:
+    """Query loss of each task after 0, 1, ..., ``steps`` SGD steps on its support set.
+
+    Returns a detached tensor ``[tasks, steps + 1]``. Used at test time: no meta-gradient is kept.
+    ``inner_lr``, ``adapt_names`` and ``buffers`` are as in :func:`metatut.maml_loss` (e.g. ``'learned'`` for
+    Meta-SGD); ``chunk_size`` bounds the tasks per vmap call.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = mt.mlp(hidden=(8,), seed=0)
+        >>> batch = mt.SinusoidTasks().sample(3, 5, generator=mt.make_generator(0))
+        >>> adaptation_curve(model, mt.init_params(model), batch, inner_lr=0.01, steps=4).shape
+        torch.Size([3, 5])
+    """
+    check_params(params)
+    check_batch(batch)
+    check_inputs(model, params, batch_tensors(batch))
+    loss_fn = prepare_loss(loss_fn, {"support_y": batch.support_y, "query_y": batch.query_y})
+    check_positive_int("steps", steps, minimum=0)
+    theta, rates = resolve_inner_lr(inner_lr, {k: v.detach() for k, v in params.items()})
+    theta, overrides = step_overrides(theta, steps, buffers)
+    names = check_adapt_names(theta, adapt_names)
+
+    def curve(net, p, sx, sy, qx, qy, functional):
+        path = trajectory(net, p, sx, sy, rates=rates, steps=steps, first_order=True, adapt_names=names,
+                          loss_fn=loss_fn, functional=functional, overrides=overrides)
+        return torch.stack([apply_loss(loss_fn, functional_call(net, {**q, **at_step(overrides, k)}, (qx,)), qy,
+                                       "query_y").detach() for k, q in enumerate(path)])
+
+    probe = Probe(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y, loss_fn, inner_lr)
+    with torch.no_grad():
+        vmapped = use_vmap(model, vectorize, per_step=overrides is not None, probe=probe)
+        return over_tasks(model, curve, theta, (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
+                          use_vmap=vmapped, chunk_size=chunk_size)
+
+
 def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, inner_lr: float,
                         steps: Sequence[int] = (0, 1, 10), adapt_names=None, loss_fn: LossFn = F.mse_loss,
                         vectorize="auto", chunk_size: int | None = None) -> dict[int, Summary]:
@@ -53,6 +121,15 @@ def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, i
 
     Returns ``{k: Summary}``: the query loss after ``k`` SGD steps of size ``inner_lr``, for each
     ``k`` in ``steps``. Works for any parameters: MAML's, the summed-loss baseline's, a random init.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = mt.mlp(hidden=(8,), seed=0)
+        >>> tasks = mt.SinusoidTasks().sample(4, 5, generator=mt.make_generator(0))
+        >>> result = evaluate_adaptation(model, mt.init_params(model), tasks, inner_lr=0.01, steps=(0, 2))
+        >>> sorted(result), result[2].n
+        ([0, 2], 4)
     """
     if isinstance(steps, str) or not isinstance(steps, Sequence) \
             or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in steps):
@@ -71,6 +148,14 @@ def adapted_accuracy(model: nn.Module, params: Params, tasks: TaskBatch, *, inne
     """Classification accuracy on each task's query set after ``steps`` SGD steps on its support set.
 
     ``support_y``/``query_y`` hold class indices ``[tasks, shots]``. Returns ``[tasks]`` (detached).
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        >>> episodes = mt.sample_episodes(torch.rand(5, 4, 4, 4), 2, n_way=3, k_shot=1, q_query=2)
+        >>> adapted_accuracy(model, mt.init_params(model), episodes, inner_lr=0.1, steps=1).shape
+        torch.Size([2])
     """
     detached = {k: v.detach() for k, v in params.items()}
     adapted = adapt(model, detached, tasks.support_x, tasks.support_y, inner_lr=inner_lr, steps=steps,
@@ -84,32 +169,20 @@ def adapted_accuracy(model: nn.Module, params: Params, tasks: TaskBatch, *, inne
     return torch.stack(correct)
 
 
-def held_out_episodes(images, episodes: int, n_way: int, k_shot: int, q_query: int, *, seed: int = 2015,
-                  chunk: int = 100) -> list[TaskBatch]:
-    """Seeded test episodes, drawn ``chunk`` at a time from one generator on the images' device.
-
-    Whole chunks are always drawn (the last one cut to size), so the first ``n`` episodes are the same
-    whatever ``episodes >= n`` is: a short evaluation re-checks a prefix of a long recorded one.
-    Returns a list of :class:`TaskBatch` of at most ``chunk`` tasks each (``[tasks, N*K, 1, 28, 28]``).
-    """
-    from .tasks.episodes import sample_episodes
-
-    check_positive_int("episodes", episodes)
-    check_positive_int("chunk", chunk)
-    device = images.images.device if hasattr(images, "images") else torch.as_tensor(images).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    batches = []
-    for start in range(0, episodes, chunk):
-        batch = sample_episodes(images, chunk, n_way, k_shot, q_query, generator=generator)
-        batches.append(batch[: min(chunk, episodes - start)])
-    return batches
-
-
 def adapted_predictor(model: nn.Module, params: Params, *, inner_lr, steps: int, adapt_names=None,
                       loss_fn: LossFn = F.cross_entropy):
     """``predict(support_x [n, ...], support_y [n], query_x [m, ...]) -> labels [m]`` for one task:
     fine-tune on the support set as :func:`adapted_accuracy` does, then take the arg-max class
-    (e.g. for :func:`metatut.data.evaluate_one_shot`)."""
+    (e.g. for :func:`metatut.data.evaluate_one_shot`).
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> predict = adapted_predictor(model, mt.init_params(model), inner_lr=0.1, steps=1)
+        >>> predict(torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), torch.rand(3, 1, 2, 2)).shape
+        torch.Size([3])
+    """
     def predict(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         adapted = adapt(model, {k: v.detach() for k, v in params.items()}, support_x[None], support_y[None],
                         inner_lr=inner_lr, steps=steps, first_order=True, adapt_names=adapt_names, loss_fn=loss_fn)

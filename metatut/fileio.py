@@ -217,7 +217,25 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
 
 
 class LockTimeout(RuntimeError):
-    """The lock is held by another process (and did not become free within the timeout)."""
+    """The lock is held by another process (and did not become free within the timeout).
+
+    Example (another thread stands in for another process: each :class:`FileLock` opens the file anew)::
+
+        >>> import tempfile, pathlib, threading
+        >>> lock_path = pathlib.Path(tempfile.mkdtemp()) / ".lock"
+        >>> errors = []
+        >>> def try_lock():
+        ...     try:
+        ...         FileLock(lock_path, timeout=0).acquire()
+        ...     except LockTimeout as err:
+        ...         errors.append(err)
+        >>> with FileLock(lock_path, purpose="training"):
+        ...     worker = threading.Thread(target=try_lock)
+        ...     worker.start()
+        ...     worker.join()
+        >>> print(errors[0])
+        /.../.lock is locked by another process (pid ... since ..., training)
+    """
 
 
 class FileLock:

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .models import Params
-from .tasks.base import TaskBatch, check_positive_int
-from .tasks.episodes import check_n_way
+from .tasks.base import TaskBatch
+from .validate import check_n_way, check_positive_int, check_reduction
 
 __all__ = ["prototypes", "protonet_logits", "embed_episodes", "protonet_loss", "protonet_objective",
            "accuracy", "protonet_accuracy", "protonet_predictor"]
@@ -30,6 +30,12 @@ def prototypes(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """Class means: ``embeddings [tasks, N*K, D]``, ``labels [tasks, N*K]`` in ``0..n_way-1`` -> ``[tasks, N, D]``.
 
     Works for any number of examples per class (each class needs at least one).
+
+    Example::
+
+        >>> prototypes(torch.tensor([[[0.0], [2.0], [5.0]]]), torch.tensor([[0, 0, 1]]), 2)
+        tensor([[[1.],
+                 [5.]]])
     """
     check_positive_int("n_way", n_way)
     if embeddings.dim() != 3 or labels.shape != embeddings.shape[:2]:
@@ -43,7 +49,13 @@ def prototypes(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
 
 
 def protonet_logits(query_embeddings: Tensor, protos: Tensor) -> Tensor:
-    """Negative squared Euclidean distances: ``[tasks, M, D]`` and ``[tasks, N, D]`` -> ``[tasks, M, N]``."""
+    """Negative squared Euclidean distances: ``[tasks, M, D]`` and ``[tasks, N, D]`` -> ``[tasks, M, N]``.
+
+    Example::
+
+        >>> protonet_logits(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]))
+        tensor([[[-0., -5.]]])
+    """
     return -(query_embeddings.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
 
 
@@ -51,6 +63,14 @@ def embed_episodes(model: nn.Module, params: Params, batch: TaskBatch) -> tuple[
     """Embed each task's support and query images together (one forward pass per task).
 
     Returns ``support [tasks, N*K, D]`` and ``query [tasks, N*Q, D]`` (model outputs flattened to ``D``).
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+        >>> episodes = mt.sample_episodes(torch.rand(5, 4, 4, 4), 2, n_way=3, k_shot=1, q_query=2)
+        >>> [tuple(z.shape) for z in embed_episodes(model, mt.init_params(model), episodes)]
+        [(2, 3, 8), (2, 6, 8)]
     """
     shots = batch.shots
     support, query = [], []
@@ -63,10 +83,18 @@ def embed_episodes(model: nn.Module, params: Params, batch: TaskBatch) -> tuple[
 
 def protonet_loss(model: nn.Module, params: Params, batch: TaskBatch, n_way: int, *, reduction: str = "mean") -> Tensor:
     """Cross-entropy of the query labels under :func:`protonet_logits`: per task the mean over its queries,
-    then the mean (``reduction='mean'``) or sum (``'sum'``) over tasks. Differentiable in ``params``."""
+    then the mean (``reduction='mean'``) or sum (``'sum'``) over tasks. Differentiable in ``params``; a scalar.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+        >>> episodes = mt.sample_episodes(torch.rand(5, 4, 4, 4), 2, n_way=3, k_shot=1, q_query=2)
+        >>> protonet_loss(model, mt.init_params(model), episodes, n_way=3).shape
+        torch.Size([])
+    """
     check_n_way(n_way)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum') (got {reduction!r})")
+    check_reduction(reduction)
     support, query = embed_episodes(model, params, batch)
     logits = protonet_logits(query, prototypes(support, batch.support_y, n_way))       # [tasks, M, N]
     losses = F.cross_entropy(logits.transpose(1, 2), batch.query_y.long(), reduction="none").mean(dim=1)
@@ -74,20 +102,42 @@ def protonet_loss(model: nn.Module, params: Params, batch: TaskBatch, n_way: int
 
 
 def protonet_objective(model: nn.Module, n_way: int, **options) -> Callable[[Params, TaskBatch], Tensor]:
-    """``objective(params, batch)`` for :func:`metatut.meta_train`: :func:`protonet_loss` with fixed options."""
+    """``objective(params, batch)`` for :func:`metatut.meta_train`: :func:`protonet_loss` with fixed options.
+
+    Example::
+
+        >>> objective = protonet_objective(nn.Flatten(), n_way=3, reduction="sum")
+        >>> objective.keywords
+        {'n_way': 3, 'reduction': 'sum'}
+    """
     check_n_way(n_way)
     return partial(protonet_loss, model, n_way=n_way, **options)
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Fraction of correct argmax predictions per task: ``logits [tasks, M, N]``, ``labels [tasks, M]`` -> ``[tasks]``."""
+    """Fraction of correct argmax predictions per task: ``logits [tasks, M, N]``, ``labels [tasks, M]`` -> ``[tasks]``.
+
+    Example::
+
+        >>> accuracy(torch.tensor([[[0.9, 0.1], [0.2, 0.8]]]), torch.tensor([[0, 0]]))
+        tensor([0.5000])
+    """
     dtype = logits.dtype if logits.is_floating_point() else torch.get_default_dtype()
     return (logits.argmax(dim=-1) == labels).to(dtype).mean(dim=-1)
 
 
 @torch.no_grad()
 def protonet_accuracy(model: nn.Module, params: Params, batch: TaskBatch, n_way: int) -> Tensor:
-    """Query accuracy of each task ``[tasks]`` (no gradient)."""
+    """Query accuracy of each task ``[tasks]`` (no gradient).
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+        >>> episodes = mt.sample_episodes(torch.rand(5, 4, 4, 4), 2, n_way=3, k_shot=1, q_query=2)
+        >>> protonet_accuracy(model, mt.init_params(model), episodes, n_way=3).shape
+        torch.Size([2])
+    """
     check_n_way(n_way)
     support, query = embed_episodes(model, params, batch)
     return accuracy(protonet_logits(query, prototypes(support, batch.support_y, n_way)), batch.query_y)
@@ -95,7 +145,16 @@ def protonet_accuracy(model: nn.Module, params: Params, batch: TaskBatch, n_way:
 
 def protonet_predictor(model: nn.Module, params: Params) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``predict(support_x [S, ...], support_y [S], query_x [M, ...]) -> labels [M]`` for one task, e.g. for
-    :func:`metatut.data.evaluate_one_shot`; the number of classes is ``support_y.max() + 1``."""
+    :func:`metatut.data.evaluate_one_shot`; the number of classes is ``support_y.max() + 1``.
+
+    Example::
+
+        >>> model = nn.Flatten()
+        >>> predict = protonet_predictor(model, {})
+        >>> support = torch.tensor([[[0.0]], [[10.0]]])
+        >>> predict(support, torch.tensor([0, 1]), torch.tensor([[[9.0]], [[1.0]]]))
+        tensor([1, 0])
+    """
     def predict(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         with torch.no_grad():
             z = functional_call(model, params, (torch.cat([support_x, query_x]),)).flatten(1)

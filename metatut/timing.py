@@ -29,7 +29,18 @@ __all__ = ["Timing", "synchronize", "rotated_order", "interleaved_timings", "spe
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call of one function: median and quartiles over rounds, and the per-round values."""
+    """Seconds per call of one function: median and quartiles over rounds, and the per-round values.
+
+    :func:`interleaved_timings` returns one per timed function; ``times`` has one entry per round.
+
+    Example::
+
+        >>> t = Timing(median=0.004, q1=0.003, q3=0.005, times=(0.003, 0.004, 0.005))
+        >>> t.rounds, round(t.iqr, 6)
+        (3, 0.002)
+        >>> print(t)
+        4.000 ms (IQR 3.000-5.000 ms, 3 rounds)
+    """
 
     median: float
     q1: float
@@ -43,6 +54,7 @@ class Timing:
 
     @property
     def rounds(self) -> int:
+        """Number of rounds timed (``len(times)``)."""
         return len(self.times)
 
     def __str__(self) -> str:
@@ -60,7 +72,16 @@ def _device(device) -> torch.device | None:
 
 
 def synchronize(device: str | torch.device | None) -> None:
-    """Wait until every kernel queued on ``device`` has finished (nothing to do on the CPU or for None)."""
+    """Wait until every kernel queued on ``device`` has finished (nothing to do on the CPU or for None).
+
+    Example::
+
+        >>> x = torch.ones(64, 64)
+        >>> y = x @ x                       # on a GPU this only queues the kernel ...
+        >>> synchronize(x.device)           # ... and this waits for it (a no-op on the CPU)
+        >>> synchronize(None), synchronize("cpu")
+        (None, None)
+    """
     device = _device(device)
     if device is None or device.type == "cpu":
         return
@@ -75,7 +96,13 @@ def synchronize(device: str | torch.device | None) -> None:
 
 
 def rotated_order(names, round_index: int) -> list:
-    """The order of round ``round_index``: ``names`` rotated left by ``round_index`` places."""
+    """The order of round ``round_index``: ``names`` rotated left by ``round_index`` places.
+
+    Example::
+
+        >>> [rotated_order(["a", "b", "c"], r) for r in range(4)]
+        [['a', 'b', 'c'], ['b', 'c', 'a'], ['c', 'a', 'b'], ['a', 'b', 'c']]
+    """
     names = list(names)
     if not names:
         return names
@@ -101,6 +128,24 @@ def interleaved_timings(functions: Mapping[str, Callable[[], object]], *, rounds
     Returns ``{name: Timing}`` in the order of ``functions``, where ``Timing.times[r]`` is the time per call
     in round ``r`` (elapsed / ``iters``). ``clock`` is the clock to read (default ``time.perf_counter``);
     ``desc`` shows a progress bar over the rounds with that label (:func:`metatut.progress`: silent in CI).
+
+    Example (a fake clock that advances one second per reading, so the numbers are reproducible: each
+    round reads it before and after ``iters=2`` calls, so 1 s elapsed, 0.5 s per call)::
+
+        >>> import itertools
+        >>> ticks = itertools.count()
+        >>> timings = interleaved_timings({"sum": lambda: sum(range(100)), "formula": lambda: 99 * 100 // 2},
+        ...                               rounds=3, iters=2, clock=lambda: float(next(ticks)))
+        >>> timings["sum"]
+        Timing(median=0.5, q1=0.5, q3=0.5, times=(0.5, 0.5, 0.5))
+
+    With the real clock, on tensors (``device`` synchronises a GPU before each reading)::
+
+        >>> a = torch.randn(32, 32)
+        >>> timings = interleaved_timings({"matmul": lambda: a @ a, "einsum": lambda: torch.einsum("ij,jk->ik", a, a)},
+        ...                               rounds=5, iters=3, device=a.device)
+        >>> list(timings), timings["matmul"].rounds, timings["matmul"].median > 0
+        (['matmul', 'einsum'], 5, True)
     """
     if not isinstance(functions, Mapping) or not functions:
         raise ValueError("functions must be a non-empty dict {name: callable taking no arguments}")
@@ -143,7 +188,15 @@ def interleaved_timings(functions: Mapping[str, Callable[[], object]], *, rounds
 
 
 def speedups(timings: Mapping[str, Timing], baseline: str) -> dict[str, float]:
-    """``{name: baseline's median / name's median}``: above 1 means faster than ``baseline``."""
+    """``{name: baseline's median / name's median}``: above 1 means faster than ``baseline``.
+
+    Example::
+
+        >>> timings = {"loop": Timing(0.004, 0.003, 0.005, (0.003, 0.004, 0.005)),
+        ...            "vmap": Timing(0.001, 0.001, 0.001, (0.001, 0.001, 0.001))}
+        >>> speedups(timings, baseline="loop")
+        {'loop': 1.0, 'vmap': 4.0}
+    """
     if baseline not in timings:
         raise KeyError(f"baseline {baseline!r} is not one of the timed names {list(timings)}")
     reference = timings[baseline].median
@@ -153,7 +206,18 @@ def speedups(timings: Mapping[str, Timing], baseline: str) -> dict[str, float]:
 def format_table(timings: Mapping[str, Timing], *, baseline: str | None = None, unit: str = "ms",
                  title: str = "implementation") -> str:
     """A Markdown table: median and IQR per call in ``unit`` (``'s'``, ``'ms'`` or ``'us'``), and with
-    ``baseline`` a column of speed-ups relative to it."""
+    ``baseline`` a column of speed-ups relative to it.
+
+    Example::
+
+        >>> timings = {"loop": Timing(0.004, 0.003, 0.005, (0.003, 0.004, 0.005)),
+        ...            "vmap": Timing(0.001, 0.001, 0.001, (0.001, 0.001, 0.001))}
+        >>> print(format_table(timings, baseline="loop"))
+        | implementation | median ms / call | IQR (ms) | speed-up vs loop |
+        | -------------- | ---: | ---: | ---: |
+        | loop           | 4.000 | 3.000 - 5.000 | 1.00x |
+        | vmap           | 1.000 | 1.000 - 1.000 | 4.00x |
+    """
     scales = {"s": 1.0, "ms": 1e3, "us": 1e6}
     if unit not in scales:
         raise ValueError(f"unit must be one of {tuple(scales)} (got {unit!r})")

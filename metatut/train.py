@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 
 from .accel import autocast, check_precision
-from .functional import _check_params
 from .models import Params
 from .progress import progress
-from .tasks.base import TaskBatch, check_generator, check_positive_int
+from .tasks.base import TaskBatch
+from .validate import check_generator, check_positive_int
+from .validate import check_params as _check_params
 
 __all__ = ["TrainResult", "StopTraining", "NonFiniteLossError", "meta_train", "cosine_lr"]
 
@@ -23,7 +24,15 @@ Sampler = Callable[[torch.Generator], TaskBatch]
 
 @dataclass
 class TrainResult:
-    """What :func:`meta_train` returns: the trained parameters, the optimiser and the loss history."""
+    """What :func:`meta_train` returns: the trained parameters, the optimiser and the loss history ``[steps]``.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> result = TrainResult({}, None, torch.tensor([4.0, 2.0, 0.0]), steps=3)
+        >>> result.smoothed(window=2)
+        tensor([3., 1.])
+    """
 
     params: Params
     optimizer: torch.optim.Optimizer
@@ -39,7 +48,21 @@ class TrainResult:
 
 
 class StopTraining(Exception):
-    """Raise from an ``on_step`` hook to end :func:`meta_train` cleanly after the current step."""
+    """Raise from an ``on_step`` hook to end :func:`meta_train` cleanly after the current step.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = mt.mlp(hidden=(4,), seed=0)
+        >>> def stop_at_two(step, loss):
+        ...     if step == 1:
+        ...         raise StopTraining
+        >>> result = mt.meta_train(mt.maml_objective(model, inner_lr=0.01), mt.init_params(model),
+        ...                        lambda g: mt.SinusoidTasks().sample(2, 5, generator=g), steps=10,
+        ...                        generator=mt.make_generator(0), on_step=stop_at_two, progress_bar=False)
+        >>> result.steps
+        2
+    """
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,12 +73,18 @@ class NonFiniteLossError(FloatingPointError):
     (``stop_on_nonfinite=True``) the optimiser step of iteration ``step`` was not taken: the parameters and the
     optimiser state are those after iteration ``step - 1``, all finite, and can be saved or resumed from.
 
-    Example::
+    Example (an objective that becomes NaN at its third iteration)::
 
-        try:
-            metatut.meta_train(objective, params, sampler, steps=1000, meta_lr=10.0)
-        except metatut.NonFiniteLossError as error:
-            print(error.step, error.what)      # e.g. 17 loss; params hold iteration 16's finite values
+        >>> import metatut as mt
+        >>> w = torch.zeros(1, requires_grad=True)
+        >>> def objective(params, batch, step):
+        ...     return params["w"].sum() + (float("nan") if step == 2 else 0.0)
+        >>> objective.uses_step = True
+        >>> try:
+        ...     meta_train(objective, {"w": w}, lambda g: None, steps=5, progress_bar=False)
+        ... except NonFiniteLossError as error:
+        ...     print(error.step, error.what, len(error.losses))
+        2 loss 3
     """
 
     def __init__(self, step: int, what: str, desc: str = "meta-training", losses: Tensor | None = None):
@@ -66,7 +95,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def cosine_lr(step: int, steps: int, max_lr: float, min_lr: float) -> float:
-    """Cosine annealing from ``max_lr`` (step 0) to ``min_lr`` (step ``steps``)."""
+    """Cosine annealing from ``max_lr`` (step 0) to ``min_lr`` (step ``steps``).
+
+    Example::
+
+        >>> cosine_lr(0, 10, 1.0, 0.0), cosine_lr(5, 10, 1.0, 0.0), cosine_lr(10, 10, 1.0, 0.0)
+        (1.0, 0.5, 0.0)
+    """
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
@@ -104,7 +139,52 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     ``after_backward(params)`` runs between ``backward`` and the optimiser step (e.g. to all-reduce
     gradients across processes); ``on_step(step, loss)`` runs after each step and may raise
     :class:`StopTraining` to end the run after that step.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = mt.mlp(hidden=(8,), seed=0)
+        >>> result = meta_train(mt.maml_objective(model, inner_lr=0.01), mt.init_params(model),
+        ...                     lambda g: mt.SinusoidTasks().sample(4, 5, generator=g), steps=3,
+        ...                     generator=mt.make_generator(0), progress_bar=False)
+        >>> result.losses.shape, result.steps
+        (torch.Size([3]), 3)
     """
+    leaves = _check_arguments(params, generator, steps=steps, log_every=log_every, start_step=start_step,
+                              meta_lr=meta_lr, lr_schedule=lr_schedule, min_meta_lr=min_meta_lr, precision=precision)
+    optimizer = optimizer if optimizer is not None else torch.optim.Adam(leaves, lr=meta_lr)
+    schedule = (lambda step: cosine_lr(step, steps, meta_lr, min_meta_lr)) if lr_schedule == "cosine" else None
+    history = torch.full((steps - start_step,), float("nan"), device=leaves[0].device)
+    run = _Run(objective, params, leaves, optimizer, history, start_step, desc, precision, stop_on_nonfinite)
+    done = start_step
+    bar = progress(range(start_step, steps), total=steps, initial=start_step, desc=desc, enabled=progress_bar)
+    try:
+        for step in bar:
+            if schedule is not None:
+                _set_lr(optimizer, schedule(step))
+            loss = run.step(step, sample_tasks(generator), after_backward)
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                window = history[max(0, done - start_step - log_every): done - start_step]
+                bar.set_postfix(loss=f"{window.mean().item():.4f}")
+            if on_step is not None:
+                try:
+                    on_step(step, loss.detach())
+                except StopTraining:
+                    break
+    finally:
+        bar.close()
+    if schedule is not None and done == steps:
+        _set_lr(optimizer, schedule(steps))
+    losses = history[: done - start_step].float().cpu()
+    if check and len(losses):
+        _sanity_check(losses, desc, start_step)
+    return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=done)
+
+
+def _check_arguments(params: Params, generator, *, steps, log_every, start_step, meta_lr, lr_schedule, min_meta_lr,
+                     precision) -> list[Tensor]:
+    """Check :func:`meta_train`'s arguments; return the parameters as a list of leaves."""
     _check_params(params)
     check_generator(generator)
     check_positive_int("steps", steps)
@@ -121,48 +201,46 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     leaves = list(params.values())
     if not all(p.is_leaf and p.requires_grad for p in leaves):
         raise ValueError("params must be leaf tensors with requires_grad=True (use metatut.init_params(model))")
-    if optimizer is None:
-        optimizer = torch.optim.Adam(leaves, lr=meta_lr)
     check_precision(precision)
-    uses_step = bool(getattr(objective, "uses_step", False))
-    device = leaves[0].device
-    history = torch.full((steps - start_step,), float("nan"), device=device)
-    done = start_step
-    bar = progress(range(start_step, steps), total=steps, initial=start_step, desc=desc, enabled=progress_bar)
-    try:
-        for step in bar:
-            if lr_schedule == "cosine":
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, steps, meta_lr, min_meta_lr)
-            batch = sample_tasks(generator)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = objective(params, batch, step=step) if uses_step else objective(params, batch)
-            loss.float().backward()
-            if after_backward is not None:
-                after_backward(params)
-            history[step - start_step] = loss.detach()
-            if stop_on_nonfinite:
-                _stop_if_nonfinite(loss, leaves, step, desc, history[: step - start_step + 1])
-            optimizer.step()
-            done = step + 1
-            if done % log_every == 0 or done == steps:
-                window = history[max(0, done - start_step - log_every): done - start_step]
-                bar.set_postfix(loss=f"{window.mean().item():.4f}")
-            if on_step is not None:
-                try:
-                    on_step(step, loss.detach())
-                except StopTraining:
-                    break
-    finally:
-        bar.close()
-    if lr_schedule == "cosine" and done == steps:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(steps, steps, meta_lr, min_meta_lr)
-    losses = history[: done - start_step].float().cpu()
-    if check and len(losses):
-        _sanity_check(losses, desc, start_step)
-    return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=done)
+    return leaves
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class _Run:
+    """The state one meta-iteration needs (:meth:`step`)."""
+
+    objective: Objective
+    params: Params
+    leaves: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    history: Tensor
+    start_step: int
+    desc: str
+    precision: str
+    stop_on_nonfinite: bool
+
+    def step(self, step: int, batch: TaskBatch, after_backward) -> Tensor:
+        """Loss, backward, the non-finite check and the optimiser step of meta-iteration ``step``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.leaves[0].device, self.precision):
+            if getattr(self.objective, "uses_step", False):
+                loss = self.objective(self.params, batch, step=step)
+            else:
+                loss = self.objective(self.params, batch)
+        loss.float().backward()
+        if after_backward is not None:
+            after_backward(self.params)
+        index = step - self.start_step
+        self.history[index] = loss.detach()
+        if self.stop_on_nonfinite:
+            _stop_if_nonfinite(loss, self.leaves, step, self.desc, self.history[: index + 1])
+        self.optimizer.step()
+        return loss
 
 
 def _stop_if_nonfinite(loss: Tensor, leaves: list[Tensor], step: int, desc: str, history: Tensor) -> None:

@@ -11,9 +11,16 @@ with :func:`metatut.data.fraction_split` (seed 0: 146 training characters, each 
 degrees into 584 training classes; 48 validation and 48 test characters, never rotated). The zips are
 looked for in ``$METATUT_SHARED_OMNIGLOT``, then ``METATUT_DATA/omniglot``, then ``<repo>/../shared/data/omniglot``.
 
-Training: :func:`metatut.meta_train` (Adam) on episodes from the training classes. ``--max-minutes`` stops
-early at a whole chunk of ``--chunk`` iterations; the checkpoint's ``config['steps']`` is the number of
-iterations actually run, and the provenance's ``reproduce`` command runs exactly those.
+Training: the training command (:func:`metatut.cli.train`, ``metatut-train``) with ``task='omniglot'``,
+``dataset='small'`` and ``data_root`` = that folder: its run folder (``--run-dir``, default
+``runs/train_omniglot/<name>``) holds ``config.json``, ``metrics.csv`` (one row per iteration) and
+``checkpoint.pt``. The script runs it in chunks of ``--chunk`` iterations (each chunk resumes the previous
+one exactly), so ``--max-minutes`` stops early at a whole chunk; the checkpoint's ``config['steps']`` is the
+number of iterations actually run, and the provenance's ``reproduce`` command runs exactly those. The
+checkpoint's ``config`` is the training command's configuration (:class:`metatut.cli.TrainConfig`); the
+checkpoints in ``checkpoints/`` written before this script used the command record the script's own keys
+(``hidden``, ``k_shot``, ``q_query``, ``test_inner_steps``), which :func:`build_model` and the evaluation
+read too.
 
 Next to ``OUTPUT`` (``name.pt``) the script writes ``name.json``: command, configuration, seed, data files
 with their SHA-256, git commit, hardware, torch version, wall time, and the accuracy on fixed, seeded test
@@ -22,9 +29,9 @@ episodes (per episode for the first chunk, so that ``tests/test_pretrained.py`` 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -33,9 +40,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import metatut as mt
+from metatut import cli
+from metatut.fileio import atomic_write_text
 from metatut.data import (ONE_SHOT_RUNS_ZIP, SMALL_ZIPS, evaluate_one_shot, fraction_split, load_omniglot,
                           load_one_shot_runs, offline_omniglot_dir)
 
@@ -78,25 +86,31 @@ def sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- models
+#: the keys of the checkpoints written before the script used the training command -> TrainConfig's
+OLD_KEYS = {"hidden": "width", "k_shot": "shots", "q_query": "query", "test_inner_steps": "eval_inner_steps"}
+
+
+def setting(config: dict, key: str, default=None):
+    """``config[key]`` in either format: the training command's (``width``) or the old script's (``hidden``)."""
+    if key in config:
+        return config[key]
+    if key in OLD_KEYS and OLD_KEYS[key] in config:
+        return config[OLD_KEYS[key]]
+    return default
+
+
 def build_model(config: dict) -> torch.nn.Module:
     """conv4 with a head of ``n_way`` outputs (MAML, FOMAML) or none (ProtoNets: an embedding)."""
     head = None if config["algorithm"] == "protonet" else config["n_way"]
-    return mt.conv4(head, hidden=config["hidden"], seed=config["seed"])
-
-
-def build_objective(model, config: dict):
-    if config["algorithm"] == "protonet":
-        return mt.protonet_objective(model, config["n_way"])
-    return mt.maml_objective(model, inner_lr=config["inner_lr"], inner_steps=config["inner_steps"],
-                             first_order=config["algorithm"] == "fomaml", loss_fn=F.cross_entropy)
+    return mt.conv4(head, hidden=setting(config, "hidden"), seed=config["seed"])
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 def episode_accuracy(model, params, config: dict, batch: mt.TaskBatch, n_way: int) -> torch.Tensor:
     if config["algorithm"] == "protonet":
         return mt.protonet_accuracy(model, params, batch, n_way)
-    return mt.adapted_accuracy(model, params, batch, inner_lr=config["inner_lr"], steps=config["test_inner_steps"],
-                               loss_fn=F.cross_entropy)
+    return mt.adapted_accuracy(model, params, batch, inner_lr=config["inner_lr"],
+                               steps=setting(config, "test_inner_steps"), loss_fn=torch.nn.functional.cross_entropy)
 
 
 def evaluate_episodes(model, params, config: dict, images, *, n_way: int, episodes: int = EVAL_EPISODES,
@@ -112,7 +126,7 @@ def one_shot_predictor(model, params, config: dict):
     """``predict(support_x, support_y, query_x)`` for Lake et al.'s runs (20-way: MAML needs a 20-way head)."""
     if config["algorithm"] == "protonet":
         return mt.protonet_predictor(model, params)
-    return mt.adapted_predictor(model, params, inner_lr=config["inner_lr"], steps=config["test_inner_steps"])
+    return mt.adapted_predictor(model, params, inner_lr=config["inner_lr"], steps=setting(config, "test_inner_steps"))
 
 
 def evaluation_ways(config: dict) -> list[int]:
@@ -124,7 +138,9 @@ def evaluate_checkpoint(model, params, config: dict, split, runs=None, *, episod
     """Everything the provenance file records about accuracy (see the module docstring)."""
     record = {"protocol": {"images": "split.test (48 held-out characters, never rotated)", "seed": EVAL_SEED,
                            "episodes": episodes, "chunk": EVAL_CHUNK, "k_shot": 1, "q_query": EVAL_QUERY,
-                           "split_seed": SPLIT_SEED, "test_inner_steps": config.get("test_inner_steps")},
+                           "split_seed": SPLIT_SEED,
+                           "test_inner_steps": (setting(config, "test_inner_steps")
+                                                if config["algorithm"] != "protonet" else None)},
               "episodes": {}}
     for n_way in evaluation_ways(config):
         acc = evaluate_episodes(model, params, config, split.test, n_way=n_way, episodes=episodes)
@@ -187,7 +203,51 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the chunk that passes this")
     p.add_argument("--chunk", type=int, default=50, help="iterations between time checks")
     p.add_argument("--output", type=Path, required=True, help="checkpoint path (.pt); provenance goes to .json")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="the training command's run folder (default runs/train_omniglot/<output name>)")
+    p.add_argument("--eval-tasks", type=int, default=EVAL_CHUNK,
+                   help="episodes of the training command's own final evaluation (metrics.csv)")
     return p.parse_args(argv)
+
+
+def training_config(args, folder: Path, steps: int | None = None) -> cli.TrainConfig:
+    """The training command's configuration for these options (``steps`` defaults to ``--steps``)."""
+    return cli.TrainConfig(
+        name=args.output.stem, task="omniglot", dataset="small", data_root=str(folder), algorithm=args.algorithm,
+        n_way=args.n_way, shots=args.k_shot, query=args.q_query, meta_batch=args.meta_batch,
+        steps=args.steps if steps is None else steps, width=args.hidden, meta_lr=args.meta_lr,
+        inner_lr=args.inner_lr, inner_steps=args.inner_steps, eval_inner_steps=args.test_inner_steps,
+        seed=args.seed, device="cpu", log_every=1, eval_every=10_000_000,
+        eval_tasks=args.eval_tasks, checkpoint_every=args.chunk, progress=False,
+        out_dir=str(args.run_dir or Path("runs") / "train_omniglot" / args.output.stem)).validate()
+
+
+def run_training(args, folder: Path) -> tuple[cli.TrainConfig, int, float]:
+    """Train in chunks of ``--chunk`` iterations with the training command (each chunk resumes the last),
+    until ``--steps`` or past ``--max-minutes``; returns the configuration, the iterations run and seconds."""
+    cfg = training_config(args, folder)
+    start, done = time.perf_counter(), 0
+    while done < args.steps:
+        outcome = cli.train(cfg, resume=done > 0, overwrite=done == 0, stop_after=args.chunk)
+        done = outcome["step"]
+        loss = read_losses(Path(cfg.out_dir))[-min(args.chunk, done):]
+        print(f"{args.algorithm} {args.n_way}-way: {done} iterations, loss {sum(loss) / len(loss):.4f}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+            break
+    return cfg, done, time.perf_counter() - start
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    """The training loss of every iteration, from the run's ``metrics.csv`` (``log_every=1``)."""
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+
+
+def training_command(cfg: cli.TrainConfig) -> str:
+    """The ``metatut-train`` command line that runs the same training (in one go)."""
+    values = {k: v for k, v in cfg.to_dict().items() if v != getattr(cli.TrainConfig, k, None)}
+    return "metatut-train --set " + " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
 def main(argv=None) -> int:
@@ -196,44 +256,28 @@ def main(argv=None) -> int:
     folder = shared_omniglot_dir()
     split = load_split(folder)
     runs = load_one_shot_runs(folder / ONE_SHOT_RUNS_ZIP)
-    config = {"algorithm": args.algorithm, "n_way": args.n_way, "k_shot": args.k_shot, "q_query": args.q_query,
-              "meta_batch": args.meta_batch, "hidden": args.hidden, "meta_lr": args.meta_lr, "seed": args.seed,
-              "model": "conv4", "batch_norm": "batch", "downsample": "maxpool", "split_seed": SPLIT_SEED,
-              "data": "small background sets, fraction_split(seed=0) training classes (146 characters x 4 rotations)"}
-    if args.algorithm != "protonet":
-        config.update(inner_lr=args.inner_lr, inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps)
-    model = build_model(config)
-    params = mt.init_params(model)
-    objective = build_objective(model, config)
-    sampler = mt.EpisodeSampler(split.train, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
-                                num_tasks=args.meta_batch)
-    generator = torch.Generator().manual_seed(args.seed)
     load_start = os.getloadavg()
-    start = time.perf_counter()
-    optimizer, losses, done = None, [], 0
-    while done < args.steps:
-        n = min(args.chunk, args.steps - done)
-        result = mt.meta_train(objective, params, sampler, steps=n, meta_lr=args.meta_lr, generator=generator,
-                               optimizer=optimizer, progress_bar=False, check=False)
-        optimizer, done = result.optimizer, done + n
-        losses.append(result.losses)
-        mean = float(result.losses.mean())
-        print(f"{args.algorithm} {args.n_way}-way: {done} iterations, loss {mean:.4f}, "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
-        if not math.isfinite(mean):
-            raise FloatingPointError("the training loss is not finite")
-        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
-            break
-    train_seconds = time.perf_counter() - start
-    losses = torch.cat(losses)
-    config["steps"] = done
+    try:
+        cfg, done, train_seconds = run_training(args, folder)
+    except cli.ConfigError as e:
+        print(f"train_omniglot: configuration error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"train_omniglot: {e}", file=sys.stderr)
+        return 3
+    losses = read_losses(Path(cfg.out_dir))[:done]
+    config = {**cfg.to_dict(), "steps": done}
+    params = mt.load_checkpoint(Path(cfg.out_dir) / "checkpoint.pt", requires_grad=False)["params"]
     output = args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
     mt.save_checkpoint(output, params, config=config, step=done)
     eval_start = time.perf_counter()
+    model = build_model(config)
     evaluation = evaluate_checkpoint(model, params, config, split, runs)
     provenance = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "reproduce": reproduce_command(args, done),
+        "training_command": training_command(training_config(args, folder, steps=done)),
         "config": config,
         "seed": args.seed,
         "data": {"folder_name": folder.name,
@@ -248,14 +292,12 @@ def main(argv=None) -> int:
                      "metatut": mt.__version__},
         "wall_time_s": {"training": round(train_seconds, 1), "per_iteration": round(train_seconds / done, 4),
                         "evaluation": round(time.perf_counter() - eval_start, 1)},
-        "training_loss": {"first_50": float(losses[:50].mean()), "last_50": float(losses[-50:].mean())},
+        "training_loss": {"first_50": sum(losses[:50]) / len(losses[:50]),
+                          "last_50": sum(losses[-50:]) / len(losses[-50:])},
         "checkpoint": {"file": output.name, "sha256": sha256(output), "bytes": output.stat().st_size},
         "evaluation": evaluation,
     }
-    json_path = output.with_suffix(".json")
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(provenance, indent=1) + "\n")
-    os.replace(tmp, json_path)
+    atomic_write_text(output.with_suffix(".json"), json.dumps(provenance, indent=1) + "\n")
     for name, e in evaluation["episodes"].items():
         print(f"{name}: {100 * e['mean']:.1f} ± {100 * e['ci95']:.1f}% over {e['n']} test episodes")
     if "one_shot_runs" in evaluation:

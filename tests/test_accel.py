@@ -67,7 +67,8 @@ def test_conv4_with_batch_norm_runs_the_loop_which_matches_batch_norm_written_by
     monkeypatch.setattr(torch.nn.modules.batchnorm.F, "batch_norm", _batch_norm_by_hand)
     # With batch norm written out in elementary operations, vmap through it is verified here: let the engine
     # take that path (vectorize=True refuses nn.BatchNorm2d otherwise, mt.VectorizeError).
-    monkeypatch.setattr(mt.functional, "VMAP_VERIFIED_LAYERS",
+    # (The policy reads the list where it lives since the engine split: metatut.engine.policy.)
+    monkeypatch.setattr(mt.engine.policy, "VMAP_VERIFIED_LAYERS",
                         (*mt.functional.VMAP_VERIFIED_LAYERS, torch.nn.BatchNorm2d))
     by_hand_loop = _flat_grad(model, params, batch, inner_lr=0.4, vectorize=False)
     by_hand_vmap = _flat_grad(model, params, batch, inner_lr=0.4, vectorize=True)

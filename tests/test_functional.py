@@ -212,15 +212,36 @@ def test_any_module_works_through_the_loop_path():
             return self.b(torch.tanh(self.a(x))) + x
 
     model = Residual()
-    assert not mt.can_vectorize(model)
+    # Since the engine split (issue section 1) a parameter-free container of verified layers is transparent:
+    # the user's own module gets the vmap path, which equals the loop's.
+    assert mt.can_vectorize(model)
     params = mt.init_params(model)
     batch = mt.SinusoidTasks().sample(3, 5, 5, generator=mt.make_generator(12))
     loss = mt.maml_loss(model, params, batch, inner_lr=0.01)
     loop = mt.maml_loss(model, params, batch, inner_lr=0.01, vectorize=False)
     torch.testing.assert_close(loss, loop, rtol=1e-5, atol=1e-6)
+    forced = mt.maml_loss(model, params, batch, inner_lr=0.01, vectorize=True)
+    torch.testing.assert_close(forced, loop, rtol=1e-5, atol=1e-6)
+
+    class Counting(nn.Module):          # owns a buffer that its forward pass updates: vmap would update it once
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x)
+
+    counting = Counting()
+    params = mt.init_params(counting)
+    assert not mt.can_vectorize(counting)
+    with pytest.warns(mt.VectorizeWarning, match="Counting"):
+        auto = mt.maml_loss(counting, params, batch, inner_lr=0.01)
+    torch.testing.assert_close(auto, mt.maml_loss(counting, params, batch, inner_lr=0.01, vectorize=False))
     # forcing vmap on a module whose vmap path is not verified is refused, naming it (it once ran anyway)
-    with pytest.raises(mt.VectorizeError, match=r"vectorize=True cannot run this model: its layers \['Residual'\]"):
-        mt.maml_loss(model, params, batch, inner_lr=0.01, vectorize=True)
+    with pytest.raises(mt.VectorizeError, match=r"vectorize=True cannot run this model: its layers \['Counting'\]"):
+        mt.maml_loss(counting, params, batch, inner_lr=0.01, vectorize=True)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -127,3 +127,25 @@ def test_one_shot_record_matches(split):
     recorded = torch.tensor(info["evaluation"]["one_shot_runs"]["errors"], dtype=torch.float64)
     assert (result.errors - recorded).abs().max() <= 0.05 + 1e-9        # at most one test image per run differs
     assert abs(result.error - info["evaluation"]["one_shot_runs"]["error"]) <= 0.005
+
+
+@needs_shared
+def test_the_script_trains_with_the_training_command_and_writes_the_same_provenance(tmp_path, monkeypatch):
+    """A tiny run of the script (a thin wrapper over metatut.cli.train, in resumed chunks) writes a checkpoint
+    whose provenance has every field the pretrained ones have, and which the script's evaluation reads."""
+    monkeypatch.setenv("METATUT_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("METATUT_SHARED_OMNIGLOT", str(SHARED))
+    output = tmp_path / "checkpoints" / "protonet_tiny.pt"
+    assert script.main(["--algorithm", "protonet", "--steps", "4", "--chunk", "2", "--hidden", "4", "--meta-batch",
+                        "1", "--output", str(output), "--run-dir", str(tmp_path / "run")]) == 0
+    info, recorded = json.loads(output.with_suffix(".json").read_text()), json.loads((CHECKPOINTS / f"{NAMES[0]}.json").read_text())
+    assert set(recorded) <= set(info) and "training_command" in info
+    checkpoint = mt.load_checkpoint(output, requires_grad=False)
+    assert checkpoint["config"] == info["config"] and checkpoint["step"] == info["config"]["steps"] == 4
+    assert info["checkpoint"] == {"file": output.name, "sha256": sha256(output), "bytes": output.stat().st_size}
+    assert "--steps 4" in info["reproduce"] and "metatut-train --set" in info["training_command"]
+    model = script.build_model(info["config"])
+    assert {k: v.shape for k, v in model.named_parameters()} == {k: v.shape for k, v in checkpoint["params"].items()}
+    assert sorted(info["evaluation"]["episodes"]) == ["20way1shot", "5way1shot"]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4                                            # one row per iteration, resumed once

@@ -50,6 +50,8 @@ def test_wheel_holds_the_library_only(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "metatut/__init__.py" in names and "metatut/py.typed" in names
+    assert {"metatut/course/__init__.py", "metatut/course/checks.py", "metatut/course/budget.py",
+            "metatut/run/__init__.py", "metatut/run/session.py", "metatut/checks.py"} <= set(names)
     assert not [n for n in names if n.startswith(("notebooks/", "tests/", "exercises/", "bench/", "data/"))]
     assert not [n for n in names if n.endswith((".ipynb", ".pt"))]
 
@@ -82,6 +84,7 @@ def test_readme_example_runs_from_an_installed_wheel_outside_the_checkout(wheel,
     work.mkdir()
     script = work / "example.py"
     script.write_text("import metatut, os\nprint('metatut from', os.path.dirname(metatut.__file__))\n"
+                      "print('data in', metatut.data_dir(create=False))\n"
                       + _example())
     done = subprocess.run([str(python), str(script)], cwd=work, capture_output=True, text=True, timeout=600,
                           env={"PATH": "/usr/bin:/bin", "METATUT_PROGRESS": "0", "OMP_NUM_THREADS": "1",
@@ -89,4 +92,9 @@ def test_readme_example_runs_from_an_installed_wheel_outside_the_checkout(wheel,
     assert done.returncode == 0, done.stderr[-3000:]
     where = re.search(r"metatut from (.*)", done.stdout).group(1)
     assert Path(where).resolve().is_relative_to(site.resolve()), where  # the wheel, not the checkout
+    # METATUT_DATA unset, not a checkout: the per-user cache under HOME, never site-packages
+    data = Path(re.search(r"data in (.*)", done.stdout).group(1))
+    assert "site-packages" not in data.parts and not data.is_relative_to(site), data
+    if sys.platform.startswith("linux"):
+        assert data == tmp_path / ".cache" / "metatut", data
     assert re.search(r"after 1 steps: [\d.]+ ± [\d.]+ \(n=600\)", done.stdout)

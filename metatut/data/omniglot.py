@@ -7,7 +7,9 @@ top folder, e.g. ``images_background/``).
 Pipeline:
 
 1. :func:`fetch_zip` gets an official zip (the URLs and MD5s torchvision's ``Omniglot`` uses) into
-   ``METATUT_DATA/omniglot``: it downloads into a private temporary folder, checks the MD5, then writes
+   ``METATUT_DATA/omniglot`` (:func:`metatut.data_dir`): it downloads with
+   :func:`torch.hub.download_url_to_file` (torchvision is not needed) into a private temporary folder,
+   checks the MD5 (:func:`check_integrity`; a SHA-256 works too), then writes
    the file in place atomically (:mod:`metatut.fileio`), so an interrupted or corrupt download never looks
    like data. Offline, place the zips there yourself.
 2. :func:`extract_zip` extracts a zip into a new folder, atomically, rejecting any member whose path
@@ -103,6 +105,12 @@ class OmniglotImages:
 
     ``names[i]`` is ``'alphabet/character'`` (e.g. ``'Greek/character01'``); a rotated copy made by
     :func:`with_rotations` is ``'Greek/character01@rot90'``.
+
+    Example::
+
+        >>> tiny = OmniglotImages(torch.zeros(5, 20, 4, 4, dtype=torch.uint8), [f"A/c{i}" for i in range(5)])
+        >>> len(tiny), tiny.image_size, tiny.alphabets
+        (5, 4, ('A',))
     """
 
     images: Tensor
@@ -142,7 +150,15 @@ class OmniglotImages:
 
 @dataclass(frozen=True)
 class OmniglotSplit:
-    """A character-level split. ``train`` may hold rotated copies (new classes); ``val``/``test`` never do."""
+    """A character-level split. ``train`` may hold rotated copies (new classes); ``val``/``test`` never do.
+
+    Example::
+
+        >>> tiny = OmniglotImages(torch.zeros(5, 20, 4, 4, dtype=torch.uint8), [f"A/c{i}" for i in range(5)])
+        >>> split = split_characters(tiny, (3, 1, 1), seed=0, rotations=(0,))
+        >>> split.sizes()
+        (3, 1, 1)
+    """
 
     train: OmniglotImages
     val: OmniglotImages
@@ -157,7 +173,13 @@ class OmniglotSplit:
 
 # ------------------------------------------------------------------------------------ download/extract
 def omniglot_dir(create: bool = True) -> Path:
-    """Where Omniglot's zips, folders and caches live: ``METATUT_DATA/omniglot``."""
+    """Where Omniglot's zips, folders and caches live: ``METATUT_DATA/omniglot``.
+
+    Example::
+
+        >>> omniglot_dir(create=False).name
+        'omniglot'
+    """
     path = data_dir(create) / "omniglot"
     if create:
         path.mkdir(parents=True, exist_ok=True)
@@ -165,15 +187,63 @@ def omniglot_dir(create: bool = True) -> Path:
 
 
 def download_url(url: str, root: str, filename: str) -> None:
-    """torchvision's ``download_url`` (imported on first use: importing torchvision takes seconds)."""
-    from torchvision.datasets.utils import download_url as torchvision_download_url
-    torchvision_download_url(url, root, filename=filename)
+    """Download ``url`` to ``root/filename`` with :func:`torch.hub.download_url_to_file` (no torchvision).
+
+    A progress bar is shown unless :func:`metatut.budget.quiet`. The file is not checked here:
+    :func:`fetch_zip` calls this inside a private temporary folder and verifies the result with
+    :func:`check_integrity` before anything is put in place.
+
+    Example::
+
+        >>> # downloads: fetch_zip calls download_url in a private folder, then checks the MD5
+        >>> download_url.__module__
+        'metatut.data.omniglot'
+    """
+    from torch.hub import download_url_to_file
+
+    from ..budget import quiet
+    download_url_to_file(url, str(Path(root) / filename), progress=not quiet())
 
 
-def check_integrity(path: str, md5: str) -> bool:
-    """torchvision's ``check_integrity``: the file exists and has this MD5."""
-    from torchvision.datasets.utils import check_integrity as torchvision_check_integrity
-    return torchvision_check_integrity(path, md5)
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of the file at ``path`` (read in 1 MiB blocks), e.g. ``'md5'`` or ``'sha256'``.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "hello.txt"
+        ...     _ = path.write_bytes(b"hello")
+        ...     print(file_digest(path, "md5"))
+        5d41402abc4b2a76b9719d911017c592
+    """
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_integrity(path: str | os.PathLike, checksum: str) -> bool:
+    """True when ``path`` is a file whose MD5 (a 32-digit ``checksum``) or SHA-256 (64 digits) matches.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "hello.txt"
+        ...     _ = path.write_bytes(b"hello")
+        ...     print(check_integrity(path, "5d41402abc4b2a76b9719d911017c592"),
+        ...           check_integrity(path, hashlib.sha256(b"hello").hexdigest()),
+        ...           check_integrity(Path(folder) / "missing.zip", "5d41402abc4b2a76b9719d911017c592"))
+        True True False
+    """
+    checksum = checksum.strip().lower()
+    algorithm = {32: "md5", 64: "sha256"}.get(len(checksum))
+    if algorithm is None:
+        raise ValueError(f"checksum must be an MD5 (32 hex digits) or a SHA-256 (64 hex digits), got {checksum!r}")
+    path = Path(path)
+    return path.is_file() and file_digest(path, algorithm) == checksum
 
 
 def _official(name: str) -> tuple[str, str]:
@@ -192,6 +262,15 @@ def fetch_zip(name: str, root: str | os.PathLike | None = None, *, download: boo
     good one); on any failure nothing new is left behind and the error says how to place the file by hand.
     Safe to call from several processes at once (each downloads; the last verified copy wins); to download
     only once, call it under ``FileLock(root / LOCK_NAME)`` as :func:`load_omniglot` does.
+
+    Example::
+
+        >>> import tempfile
+        >>> try:
+        ...     fetch_zip("images_background", tempfile.mkdtemp(), download=False)
+        ... except FileNotFoundError as err:
+        ...     print("not found and download=False" in str(err))
+        True
     """
     url, md5 = _official(name)
     root = Path(root) if root is not None else omniglot_dir()
@@ -295,6 +374,17 @@ def extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     :func:`metatut.fileio.remove_stale_temporaries` (which :func:`load_omniglot` runs). Two processes
     extracting to the same ``dest`` at once: one wins, the other raises :class:`FileExistsError` (run them
     under :func:`data_lock`, as :func:`load_omniglot` does, and re-check ``dest`` after taking it).
+
+    Example::
+
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with zipfile.ZipFile(folder / "x.zip", "w") as archive:
+        ...     archive.writestr("images_x/A/c1/01.png", b"...")
+        >>> extract_zip(folder / "x.zip", folder / "out").name
+        'out'
+        >>> [png.read_bytes() for png in (folder / "out").rglob("01.png")]
+        [b'...']
     """
     zip_path, dest = Path(zip_path), Path(dest)
     if dest.exists():
@@ -326,7 +416,16 @@ def extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------- decode
 def decode_png(data: bytes, image_size: int = 28) -> Tensor:
-    """Decode one Omniglot PNG into uint8 ``[image_size, image_size]``, ink = 255 (Lanczos resize)."""
+    """Decode one Omniglot PNG into uint8 ``[image_size, image_size]``, ink = 255 (Lanczos resize).
+
+    Example::
+
+        >>> buffer = io.BytesIO()
+        >>> Image.new("1", (105, 105), 1).save(buffer, format="PNG")      # a blank sheet: no ink
+        >>> image = decode_png(buffer.getvalue())
+        >>> image.shape, image.dtype, int(image.max())
+        (torch.Size([28, 28]), torch.uint8, 0)
+    """
     with Image.open(io.BytesIO(data)) as image:
         grey = image.convert("L")
     if grey.size != (image_size, image_size):
@@ -505,6 +604,20 @@ def load_omniglot_from(*sources: str | os.PathLike, image_size: int = 28, cache:
     for (otherwise it warns, decodes and replaces it). A corrupt source raises before anything is cached.
     Decoding into the cache runs under :func:`data_lock` (of the cache folder's parent): of several
     processes loading at once, one decodes and writes, the others wait and read its file.
+
+    Example::
+
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> buffer = io.BytesIO()
+        >>> Image.new("1", (105, 105), 1).save(buffer, format="PNG")
+        >>> with zipfile.ZipFile(folder / "tiny.zip", "w") as archive:
+        ...     for c in ("c1", "c2"):
+        ...         for k in range(1, 21):
+        ...             archive.writestr(f"images_tiny/Alpha/{c}/{c}_{k:02d}.png", buffer.getvalue())
+        >>> data = load_omniglot_from(folder / "tiny.zip", image_size=8, cache=False)
+        >>> data.images.shape, data.names
+        (torch.Size([2, 20, 8, 8]), ('Alpha/c1', 'Alpha/c2'))
     """
     if not sources:
         raise ValueError("give at least one Omniglot zip or folder (e.g. metatut.data.fetch_zip('images_background'))")
@@ -554,6 +667,15 @@ def load_omniglot(which: str = "full", *, root: str | os.PathLike | None = None,
     download and extraction run under :func:`data_lock` of ``root`` and the cache writing under that of the
     cache folder's parent; whoever gets a lock first does the work, the others wait (saying so on stderr)
     and then use the result. Temporaries left in ``root`` by killed downloads or extractions are deleted.
+
+    Example::
+
+        >>> import tempfile
+        >>> try:
+        ...     load_omniglot("small", root=tempfile.mkdtemp(), download=False)
+        ... except FileNotFoundError as err:
+        ...     print("download=False" in str(err))
+        True
     """
     if which not in SETS:
         raise ValueError(f"which must be one of {tuple(SETS)} (got {which!r})")
@@ -592,6 +714,13 @@ def with_rotations(data: OmniglotImages, rotations: Sequence[int] = (0, 1, 2, 3)
     """Add rotated copies as new classes: ``k`` in ``rotations`` turns each character by ``k*90`` degrees
     counter-clockwise. Output ``[characters * len(rotations), 20, S, S]``, each character's rotations adjacent;
     ``k=0`` keeps the plain name, others get the suffix ``@rot90``, ``@rot180``, ``@rot270``.
+
+    Example::
+
+        >>> tiny = OmniglotImages(torch.zeros(5, 20, 4, 4, dtype=torch.uint8), [f"A/c{i}" for i in range(5)])
+        >>> rotated = with_rotations(tiny, (0, 1))
+        >>> len(rotated), rotated.names[:2]
+        (10, ('A/c0', 'A/c0@rot90'))
     """
     rotations = tuple(rotations)
     if not rotations or len(set(rotations)) != len(rotations) or not all(
@@ -612,6 +741,13 @@ def split_characters(data: OmniglotImages, sizes: Sequence[int], *, seed: int,
     with ``torch.randperm`` under a ``torch.Generator`` seeded with ``seed``. Rotated copies
     (:func:`with_rotations` with ``rotations``) are added to the training split only; pass
     ``rotations=(0,)`` for none.
+
+    Example::
+
+        >>> tiny = OmniglotImages(torch.zeros(5, 20, 4, 4, dtype=torch.uint8), [f"A/c{i}" for i in range(5)])
+        >>> split = split_characters(tiny, (3, 1, 1), seed=0)      # rotations: training classes only
+        >>> split.sizes()
+        (12, 1, 1)
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int (got {seed!r})")
@@ -645,6 +781,15 @@ def maml_split(data: OmniglotImages, *, seed: int = 1, rotations: Sequence[int] 
     :func:`split_characters` (names sorted, then ``torch.randperm`` seeded with ``seed``): deterministic,
     but a different set of characters from the paper's. The official code also draws a random rotation
     per class in every task (validation/test included); here rotations are training classes only.
+
+    Example::
+
+        >>> tiny = OmniglotImages(torch.zeros(5, 20, 4, 4, dtype=torch.uint8), [f"A/c{i}" for i in range(5)])
+        >>> try:
+        ...     maml_split(tiny)
+        ... except ValueError as err:
+        ...     print(str(err)[:52])
+        maml_split needs the full set of 1623 characters (go
     """
     if len(data) != 1623:
         raise ValueError(f"maml_split needs the full set of 1623 characters (got {len(data)}); "
@@ -658,6 +803,12 @@ def fraction_split(data: OmniglotImages, fractions: Sequence[float] = (0.6, 0.2,
 
     ``n_val = round(val * C)``, ``n_test = round(test * C)``, train gets the rest; e.g. the 242 characters of
     the small sets give 146 / 48 / 48 with the defaults. Shuffle and rotations as :func:`split_characters`.
+
+    Example::
+
+        >>> tiny = OmniglotImages(torch.zeros(5, 20, 4, 4, dtype=torch.uint8), [f"A/c{i}" for i in range(5)])
+        >>> fraction_split(tiny, (0.6, 0.2, 0.2), rotations=(0,)).sizes()
+        (3, 1, 1)
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or any(not 0 < f < 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -678,6 +829,12 @@ def offline_omniglot_dir(files: Sequence[str] = (*SMALL_ZIPS, ONE_SHOT_RUNS_ZIP)
     """The first folder that holds all of ``files`` (by default the two small background sets and the
     one-shot runs), or None: ``$METATUT_SHARED_OMNIGLOT``, then ``METATUT_DATA/omniglot``, then the
     course's offline copy ``<repo>/../shared/data/omniglot``. With None, load with ``download=True``.
+
+    Example::
+
+        >>> folder = offline_omniglot_dir()
+        >>> folder is None or all((folder / name).is_file() for name in (*SMALL_ZIPS, ONE_SHOT_RUNS_ZIP))
+        True
     """
     candidates = []
     if os.environ.get("METATUT_SHARED_OMNIGLOT"):

@@ -43,7 +43,15 @@ _LINE = re.compile(r"^\s*(\S+)\s+(\S+)\s*$")
 class OneShotRuns:
     """The benchmark, decoded. ``support`` uint8 ``[runs, 20, S, S]`` (``training/class01..20``, label =
     position 0..19), ``query`` uint8 ``[runs, 20, S, S]`` (``test/item01..20``), ``answers`` int64
-    ``[runs, 20]`` (the label of each query), ``runs`` the run folder names."""
+    ``[runs, 20]`` (the label of each query), ``runs`` the run folder names.
+
+    Example::
+
+        >>> runs = OneShotRuns(torch.zeros(2, 20, 4, 4, dtype=torch.uint8), torch.zeros(2, 20, 4, 4, dtype=torch.uint8),
+        ...                    torch.arange(20).repeat(2, 1), ("run01", "run02"))
+        >>> len(runs), runs.task_batch().support_x.shape
+        (2, torch.Size([2, 20, 1, 4, 4]))
+    """
 
     support: Tensor
     query: Tensor
@@ -64,7 +72,14 @@ class OneShotRuns:
 
 @dataclass(frozen=True)
 class OneShotResult:
-    """Per-run error fractions ``errors [runs]`` and the overall error (their mean)."""
+    """Per-run error fractions ``errors [runs]`` and the overall error (their mean).
+
+    Example::
+
+        >>> result = OneShotResult(torch.tensor([0.1, 0.3], dtype=torch.float64), ("run01", "run02"))
+        >>> round(result.error, 3)
+        0.2
+    """
 
     errors: Tensor
     runs: tuple[str, ...]
@@ -105,6 +120,15 @@ def load_one_shot_runs(path: str | os.PathLike | None = None, *, image_size: int
     With no ``path`` and ``download=True`` the official zip is fetched and MD5-checked (:func:`fetch_zip`;
     by one process at a time, under :func:`metatut.data.omniglot.data_lock`, when several load at once).
     Raises a clear error if a run's ``class_labels.txt`` is malformed or names a missing image.
+
+    Example::
+
+        >>> import tempfile
+        >>> try:
+        ...     load_one_shot_runs(Path(tempfile.mkdtemp()) / "all_runs.zip")
+        ... except (FileNotFoundError, ValueError) as err:
+        ...     print(type(err).__name__)
+        FileNotFoundError
     """
     image_size = _check_image_size(image_size)
     if path is None:
@@ -157,6 +181,14 @@ def evaluate_one_shot(predict: Predictor, runs: OneShotRuns | None = None, *, de
     ``predict`` is called once per run with float images in [0, 1] on ``device`` and labels 0..19; it
     may use autograd (e.g. fine-tuning), so no ``torch.no_grad`` is imposed here. ``runs`` defaults to
     :func:`load_one_shot_runs` ``()``. Returns the error of each run and overall.
+
+    Example::
+
+        >>> runs = OneShotRuns(torch.zeros(2, 20, 4, 4, dtype=torch.uint8), torch.zeros(2, 20, 4, 4, dtype=torch.uint8),
+        ...                    torch.arange(20).repeat(2, 1), ("run01", "run02"))
+        >>> perfect = lambda support_x, support_y, query_x: torch.arange(20)
+        >>> evaluate_one_shot(perfect, runs).error
+        0.0
     """
     runs = load_one_shot_runs() if runs is None else runs
     batch = runs.task_batch(device=device, dtype=dtype)
@@ -172,6 +204,13 @@ def evaluate_one_shot(predict: Predictor, runs: OneShotRuns | None = None, *, de
 
 def pixel_nearest_neighbour(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
     """Baseline predictor: each query gets the label of the support image closest in pixel space
-    (Euclidean). ``support_x [S, ...]``, ``support_y [S]``, ``query_x [M, ...]`` -> ``[M]``."""
+    (Euclidean). ``support_x [S, ...]``, ``support_y [S]``, ``query_x [M, ...]`` -> ``[M]``.
+
+    Example::
+
+        >>> support_x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+        >>> pixel_nearest_neighbour(support_x, torch.tensor([0, 1]), torch.tensor([[0.9, 0.8], [0.1, 0.0]]))
+        tensor([1, 0])
+    """
     distances = torch.cdist(query_x.flatten(1).double(), support_x.flatten(1).double())
     return support_y[distances.argmin(dim=1)]

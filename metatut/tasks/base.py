@@ -3,46 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import math
-
 import torch
 from torch import Tensor
 
+# The checks live in metatut.validate; re-exported here, where they were first defined.
+from ..validate import check_generator, check_positive_int, check_range
+
 __all__ = ["TaskBatch", "check_positive_int", "check_range", "check_generator"]
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    """Raise a clear error unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum} (got {value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum} (got {value})")
-    return value
-
-
-def check_range(name: str, bounds) -> tuple[float, float]:
-    """Raise a clear error unless ``bounds`` is a pair ``(low, high)`` of finite numbers with ``low <= high``."""
-    try:
-        low, high = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a pair (low, high) of numbers (got {bounds!r})") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-        raise ValueError(f"{name} must satisfy low <= high with finite low and high (got {bounds!r})")
-    return low, high
-
-
-def check_generator(generator) -> torch.Generator | None:
-    """Return ``generator`` if it is a ``torch.Generator`` or None; raise a ``TypeError`` saying how to make one.
-
-    Example::
-
-        check_generator(metatut.make_generator(0))   # returns it
-        check_generator(0)                           # TypeError: generator must be a torch.Generator ...
-    """
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (e.g. metatut.make_generator(0)) or None "
-                        f"(got {generator!r})")
-    return generator
 
 
 @dataclass(frozen=True)
@@ -52,6 +19,17 @@ class TaskBatch:
     Shapes: ``support_x [tasks, shots, *x_shape]``, ``support_y [tasks, shots, *y_shape]``,
     ``query_x [tasks, query_shots, *x_shape]``, ``query_y [tasks, query_shots, *y_shape]``.
     ``info`` holds per-task metadata such as ``amplitude [tasks]`` (not used by algorithms).
+
+    Example::
+
+        >>> x = torch.zeros(4, 5, 1)
+        >>> batch = TaskBatch(x, x, torch.zeros(4, 7, 1), torch.zeros(4, 7, 1))
+        >>> batch.num_tasks, batch.shots, batch.query_shots, batch[1:3].num_tasks
+        (4, 5, 7, 2)
+        >>> TaskBatch(x, x, torch.zeros(3, 7, 1), torch.zeros(3, 7, 1))
+        Traceback (most recent call last):
+        ...
+        ValueError: support_x, support_y, query_x and query_y must have the same number of tasks (got [4, 4, 3, 3])
     """
 
     support_x: Tensor

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import TaskBatch, check_generator, check_positive_int
+from ..validate import check_generator, check_n_way, check_positive_int
+from .base import TaskBatch
 
-__all__ = ["sample_episodes", "EpisodeSampler", "check_n_way"]
+__all__ = ["sample_episodes", "EpisodeSampler", "held_out_episodes", "check_n_way"]
 
 
 def _as_images(images) -> Tensor:
@@ -41,23 +42,6 @@ def _check_episode(images: Tensor, num_tasks, n_way, k_shot, q_query) -> None:
     if k_shot + q_query > per_class:
         raise ValueError(f"k_shot + q_query must be at most {per_class} (the images per class) "
                          f"(got k_shot={k_shot}, q_query={q_query})")
-
-
-def check_n_way(n_way, name: str = "n_way") -> int:
-    """Return ``n_way`` if it is an int >= 2, else raise a clear error: a task of one class has every label 0,
-    so its cross-entropy loss and meta-gradient are exactly 0 and nothing is learned.
-
-    Example::
-
-        check_n_way(5)    # 5
-        check_n_way(1)    # ValueError: n_way must be an int >= 2 ...
-    """
-    if isinstance(n_way, bool) or not isinstance(n_way, int):
-        raise TypeError(f"{name} must be an int >= 2 (got {n_way!r})")
-    if n_way < 2:
-        raise ValueError(f"{name} must be an int >= 2 (with one class every label is 0, so the loss and "
-                         f"meta-gradient are exactly 0) (got {n_way})")
-    return n_way
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -99,6 +83,15 @@ def sample_episodes(images, num_tasks: int, n_way: int, k_shot: int, q_query: in
     int64 in ``0..N-1``, ``query_x [tasks, N*Q, 1, H, W]``, ``query_y [tasks, N*Q]``, and
     ``info['classes'] [tasks, N]`` (class index of each label), ``info['examples'] [tasks, N, K+Q]``
     (image index within each class; the first ``K`` are the support).
+
+    Example::
+
+        >>> images = torch.randint(0, 256, (10, 20, 8, 8), dtype=torch.uint8)    # 10 classes of 20 images
+        >>> batch = sample_episodes(images, 4, n_way=5, k_shot=1, q_query=3, generator=torch.Generator().manual_seed(0))
+        >>> batch.support_x.shape, batch.query_y.shape
+        (torch.Size([4, 5, 1, 8, 8]), torch.Size([4, 15]))
+        >>> batch.support_y[0]
+        tensor([0, 1, 2, 3, 4])
     """
     images = _as_images(images)
     _check_episode(images, num_tasks, n_way, k_shot, q_query)
@@ -110,6 +103,12 @@ class EpisodeSampler:
     """``sampler(generator) -> TaskBatch`` with fixed settings, e.g. for :func:`metatut.meta_train`.
 
     Moves the images to ``device`` once (default: where they are) and checks the settings at construction.
+
+    Example::
+
+        >>> sampler = EpisodeSampler(torch.rand(10, 20, 8, 8), n_way=3, k_shot=2, q_query=1, num_tasks=4)
+        >>> sampler(torch.Generator().manual_seed(0)).support_x.shape
+        torch.Size([4, 6, 1, 8, 8])
     """
 
     def __init__(self, images, *, n_way: int, k_shot: int, q_query: int, num_tasks: int = 1,
@@ -130,3 +129,31 @@ class EpisodeSampler:
     def __call__(self, generator: torch.Generator | None = None) -> TaskBatch:
         _check_generator(generator, self.images.device)
         return _draw(self.images, self.num_tasks, self.n_way, self.k_shot, self.q_query, generator, self.dtype)
+
+
+def held_out_episodes(images, episodes: int, n_way: int, k_shot: int, q_query: int, *, seed: int = 2015,
+                  chunk: int = 100) -> list[TaskBatch]:
+    """Seeded test episodes, drawn ``chunk`` at a time from one generator on the images' device.
+
+    Whole chunks are always drawn (the last one cut to size), so the first ``n`` episodes are the same
+    whatever ``episodes >= n`` is: a short evaluation re-checks a prefix of a long recorded one.
+    Returns a list of :class:`TaskBatch` of at most ``chunk`` tasks each (``[tasks, N*K, 1, H, W]``).
+
+    Example::
+
+        >>> images = torch.rand(10, 20, 8, 8)
+        >>> batches = held_out_episodes(images, 5, n_way=3, k_shot=1, q_query=2, chunk=2)
+        >>> [b.num_tasks for b in batches]
+        [2, 2, 1]
+        >>> torch.equal(held_out_episodes(images, 2, 3, 1, 2, chunk=2)[0].support_x, batches[0].support_x)
+        True
+    """
+    check_positive_int("episodes", episodes)
+    check_positive_int("chunk", chunk)
+    device = images.images.device if hasattr(images, "images") else torch.as_tensor(images).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = []
+    for start in range(0, episodes, chunk):
+        batch = sample_episodes(images, chunk, n_way, k_shot, q_query, generator=generator)
+        batches.append(batch[: min(chunk, episodes - start)])
+    return batches

@@ -1,0 +1,207 @@
+"""Ways of running the per-task computation; every one gives the loop's numbers (up to the order of summation).
+
+* :func:`over_tasks`: the per-task loop (the reference) or ``torch.func.vmap`` over tasks (in chunks);
+* :func:`accumulated_meta_loss`: the loop in threads and/or differentiating each task as soon as its loss
+  exists (per-task backward), handing the accumulated gradient to a later ``backward()`` through a custom
+  autograd Function (:class:`_PrecomputedGradient`);
+* :func:`checkpointed`: gradient checkpointing of one inner step (recomputed in the backward pass).
+
+What to compute for one task comes in as a function; :class:`~metatut.engine.options.ExecutionOptions` says how.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from ..models import Params
+from ..validate import check_positive_int, check_reduction
+from .options import ExecutionOptions
+
+__all__ = ["TaskFn", "over_tasks", "run_meta_loss", "accumulated_meta_loss", "checkpointed", "reduce"]
+
+#: ``task_fn(model, params, support_x, support_y, query_x, query_y, functional)`` -> one task's value.
+TaskFn = Callable[..., Tensor]
+
+
+def reduce(losses: Tensor, reduction: str) -> Tensor:
+    """Mean or sum of per-task values ``[tasks]``.
+
+    Example::
+
+        >>> reduce(torch.tensor([1.0, 3.0]), "mean")
+        tensor(2.)
+    """
+    return losses.mean() if reduction == "mean" else losses.sum()
+
+
+def over_tasks(model: nn.Module, task_fn: TaskFn, params, tensors: tuple[Tensor, ...], *, use_vmap: bool,
+               chunk_size: int | None = None) -> Tensor:
+    """``task_fn`` for each task, stacked: ``tensors`` are ``[tasks, ...]`` each; returns ``[tasks, ...]``.
+
+    ``use_vmap=True`` runs ``torch.func.vmap`` over the leading dimension (``chunk_size`` tasks at a time,
+    ``functional=True``); ``False`` the per-task loop (``functional=False``).
+
+    Example::
+
+        >>> model = nn.Linear(1, 1)
+        >>> params = dict(model.named_parameters())
+        >>> def fn(net, p, x, functional):
+        ...     return torch.func.functional_call(net, p, (x,)).sum()
+        >>> x = torch.ones(3, 2, 1)
+        >>> torch.allclose(over_tasks(model, fn, params, (x,), use_vmap=True),
+        ...                over_tasks(model, fn, params, (x,), use_vmap=False))
+        True
+    """
+    if use_vmap:
+        return vmap(lambda p, *t: task_fn(model, p, *t, functional=True), in_dims=(None, *[0] * len(tensors)),
+                    chunk_size=chunk_size)(params, *tensors)
+    return torch.stack([task_fn(model, params, *(t[i] for t in tensors), functional=False)
+                        for i in range(tensors[0].shape[0])])
+
+
+def run_meta_loss(model: nn.Module, task_fn: TaskFn, theta: Params, batch, params: Params, *,
+                  execution: ExecutionOptions, use_vmap: bool, reduction: str) -> Tensor:
+    """The reduced per-task ``task_fn`` over ``batch``'s tasks, run as ``execution`` says (vmap, the loop, task
+    threads or per-task backward; ``params``: the leaves the threaded paths differentiate).
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = mt.mlp(hidden=(4,), seed=0)
+        >>> params = mt.init_params(model)
+        >>> batch = mt.SinusoidTasks().sample(2, 3, generator=mt.make_generator(0))
+        >>> def fn(net, p, sx, sy, qx, qy, functional):
+        ...     return ((torch.func.functional_call(net, p, (qx,)) - qy) ** 2).mean()
+        >>> run_meta_loss(model, fn, params, batch, params, execution=ExecutionOptions(), use_vmap=True,
+        ...               reduction="mean").shape
+        torch.Size([])
+    """
+    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    if not use_vmap and execution.threaded:
+        def one_task(net: nn.Module, t: int) -> Tensor:
+            return task_fn(net, theta, *(x[t] for x in tensors), functional=False)
+        return accumulated_meta_loss(model, one_task, batch.num_tasks, params, workers=execution.task_workers,
+                                     per_task=execution.per_task_backward, reduction=reduction)
+    losses = over_tasks(model, task_fn, theta, tensors, use_vmap=use_vmap, chunk_size=execution.vmap_chunk_size)
+    return reduce(losses, reduction)
+
+
+def checkpointed(step_fn: Callable[[Params], Params], params: Params) -> Params:
+    """``step_fn(params)`` under gradient checkpointing: its intermediate values are not stored but recomputed
+    in the backward pass (less memory, more time). ``step_fn`` must bind everything it reads that may change
+    later (loop variables), since it runs again after the caller has moved on.
+
+    Example::
+
+        >>> w = torch.tensor([2.0], requires_grad=True)
+        >>> out = checkpointed(lambda p: {"w": p["w"] ** 2}, {"w": w})
+        >>> torch.autograd.grad(out["w"].sum(), w)
+        (tensor([4.]),)
+    """
+    names = list(params)
+
+    def flat(*tensors):
+        out = step_fn(dict(zip(names, tensors, strict=True)))
+        return tuple(out[n] for n in names)
+
+    values = torch.utils.checkpoint.checkpoint(flat, *params.values(), use_reentrant=False)
+    return dict(zip(names, values, strict=True))
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """``value`` whose gradient with respect to ``leaves`` is ``grads`` (already computed), scaled by the
+    incoming gradient. Differentiable once: asking for a graph of this backward is an error."""
+
+    @staticmethod
+    def forward(ctx, value, count, *tensors):
+        ctx.count = count
+        ctx.save_for_backward(*tensors[count:])
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError("a meta-loss from task_workers > 1 or per_task_backward=True is differentiable once; "
+                               "use task_workers=1 and per_task_backward=False to differentiate it again "
+                               "(create_graph=True)")
+        grads = [grad_output * g for g in ctx.saved_tensors]
+        return (None, None, *grads, *([None] * ctx.count))
+
+
+def _share_losses(task_loss_fn, net, share, leaves, *, differentiate: bool, per_task: bool):
+    """``(losses [share], summed gradient or None)`` of one worker's tasks."""
+    if not differentiate:
+        with torch.no_grad():
+            return torch.stack([task_loss_fn(net, t) for t in share]), None
+    with torch.enable_grad():
+        if not per_task:
+            losses = torch.stack([task_loss_fn(net, t) for t in share])
+            return losses.detach(), torch.autograd.grad(losses.sum(), leaves, materialize_grads=True)
+        losses, total = [], None
+        for t in share:
+            loss = task_loss_fn(net, t)
+            grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
+            total = list(grads) if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+            losses.append(loss.detach())
+        return torch.stack(losses), total
+
+
+def _in_threads(run, workers: int) -> list:
+    """``[run(0), ..., run(workers - 1)]``, in threads when ``workers > 1`` (intra-op threads set to 1 meanwhile)."""
+    if workers == 1:
+        return [run(0)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metatut-task") as pool:
+            return list(pool.map(run, range(workers)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def accumulated_meta_loss(model: nn.Module, task_loss_fn: Callable[[nn.Module, int], Tensor], num_tasks: int,
+                          params: Params, *, workers: int = 1, per_task: bool = True,
+                          reduction: str = "mean") -> Tensor:
+    """Sum or mean of ``task_loss_fn(model, t)`` over ``t < num_tasks``, differentiated as it is computed.
+
+    The gradient with respect to ``params`` is accumulated here (``torch.autograd.grad``) and handed to a
+    later ``backward()`` by the returned loss (a scalar), which is therefore differentiable once.
+    ``per_task=True`` differentiates each task as soon as its loss exists, so only one task's graph is alive
+    at a time (memory of one task, not of the meta-batch); ``False`` differentiates each worker's share at once.
+
+    ``workers > 1`` splits the tasks into contiguous shares computed in that many threads (PyTorch
+    releases the GIL inside its kernels, so the shares run in parallel on a CPU); intra-op threads are
+    set to 1 while they run and restored afterwards. ``functional_call`` swaps tensors into the module it
+    is given, so each thread gets its own copy of ``model`` (models with buffers, which would then be
+    updated in a copy only, are refused). The gradient equals the loop's up to the order of summation.
+
+    Example::
+
+        >>> w = torch.tensor(2.0, requires_grad=True)
+        >>> loss = accumulated_meta_loss(nn.Identity(), lambda net, t: w * (t + 1), 3, {"w": w}, workers=2)
+        >>> loss.backward(); loss.item(), w.grad.item()
+        (4.0, 2.0)
+    """
+    check_reduction(reduction)
+    check_positive_int("workers", workers)
+    workers = min(workers, num_tasks)
+    if workers > 1 and any(True for _ in model.buffers()):
+        raise ValueError("task_workers > 1 needs a model without buffers (e.g. batch norm with batch statistics); "
+                         "this one has running statistics: use task_workers=1")
+    leaves = [p for p in params.values() if isinstance(p, Tensor) and p.requires_grad]
+    differentiate = torch.is_grad_enabled() and bool(leaves)
+    shares = [range(i * num_tasks // workers, (i + 1) * num_tasks // workers) for i in range(workers)]
+    copies = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
+    results = _in_threads(lambda i: _share_losses(task_loss_fn, copies[i], shares[i], leaves,
+                                                  differentiate=differentiate, per_task=per_task), workers)
+    value = reduce(torch.cat([losses for losses, _ in results]), reduction)
+    if not differentiate:
+        return value
+    scale = 1.0 / num_tasks if reduction == "mean" else 1.0
+    grads = [sum(r[1][i] for r in results) * scale for i in range(len(leaves))]
+    return _PrecomputedGradient.apply(value, len(leaves), *leaves, *grads)
