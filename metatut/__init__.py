@@ -24,9 +24,16 @@ from . import accel, data, engine, functional, validate
 from . import timing
 from .conv import Conv4, conv4
 from .engine import (
+    InnerOptimizer,
+    inner_adam,
+    inner_sgd,
+    inner_sgd_momentum,
+)
+from .engine import (
     ExecutionOptions,
     MAMLObjective,
     MetaOptions,
+    MetaParams,
     VectorizeError,
     VectorizeWarning,
     adapt,
@@ -75,9 +82,10 @@ __all__ = [
     "summed_loss_objective", "meta_gradient", "adaptation_curve", "can_vectorize", "prefers_vmap",
     "meta_train", "adapted_accuracy", "adapted_predictor", "held_out_episodes", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
     "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
-    "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
+    "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "MetaParams", "split_learned_lrs",
     "accel", "timing", "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
     "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
     "protonet_predictor", "accuracy", "embed_episodes", "VectorizeError", "NonFiniteLossError", "CheckpointError",
     "MetaOptions", "ExecutionOptions", "VectorizeWarning", "register_vmap_verified", "engine", "functional", "validate",
+    "InnerOptimizer", "inner_sgd", "inner_sgd_momentum", "inner_adam",
 ]

@@ -1,5 +1,12 @@
 """Checkpoints: parameters, optimiser state and configuration, written atomically, loaded safely.
 
+Parameters are stored as their flat dict: a :class:`metatut.MetaParams` (model parameters, learned step sizes
+``inner_lr:<name>``, per-step copies ``per_step:<k>:<name>``) is stored flat and loaded back as a
+:class:`~metatut.MetaParams`. Checkpoints of format 1 (earlier metatut) load unchanged: their Meta-SGD step sizes
+carry the legacy keys ``inner_lr.<name>``, which every function that takes ``params`` still reads, and which
+``metatut.MetaParams.from_flat(params, model=model)`` turns into the structured form (the training command does
+so when it resumes such a run).
+
 Writing goes through :func:`metatut.fileio.atomic_save` (exclusive temporary file, fsync, rename), and
 :func:`save_checkpoint` first deletes the temporaries that a writer killed between the fsync and the
 rename left next to the checkpoint. Loading uses ``torch.load(weights_only=True)`` and turns every way a
@@ -62,7 +69,10 @@ def _fail(path: Path, what: str, kind: type[CheckpointError] = CheckpointError, 
     shown = f"{path} (a symlink to {os.path.realpath(path)})" if path.is_symlink() else str(path)
     return kind(f"checkpoint {shown} {what}; {todo}")
 
-FORMAT_VERSION = 1
+#: The format written: 2 added ``meta_params`` (whether ``params`` was a :class:`metatut.MetaParams`).
+FORMAT_VERSION = 2
+#: The formats read (1: before :class:`metatut.MetaParams`; its parameters load as they were saved).
+READABLE_FORMATS = (1, 2)
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -96,6 +106,9 @@ def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch
                     config: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
     """Save ``params`` (detached, on CPU), the optimiser's state, a plain-data ``config`` and ``step``.
 
+    ``params`` is a dict of tensors or a :class:`metatut.MetaParams` (stored as its flat dict, and loaded back
+    as a :class:`~metatut.MetaParams` by :func:`load_checkpoint`).
+
     ``extra`` holds anything else needed to resume exactly (tensors such as RNG states, plain data).
     The file is replaced atomically (a reader, or a run killed at any instant, sees the old checkpoint or
     the new one); temporaries of earlier writers of ``path`` that were killed before renaming are deleted.
@@ -116,13 +129,19 @@ def save_checkpoint(path: str | os.PathLike, params: Params, *, optimizer: torch
             ...
         TypeError: config['model'] must hold only str, int, float, bool, None, lists and dicts (got object), ...
     """
+    from .engine.conventions import MetaParams
+
     config = dict(config or {})
     _check_config(config)
+    if not isinstance(params, dict) or any(not isinstance(k, str) or not isinstance(v, torch.Tensor)
+                                           for k, v in params.items()):
+        raise TypeError("params must be a dict of name -> tensor (or a metatut.MetaParams)")
     extra = _to_cpu(dict(extra or {}))
     _check_config(extra, "extra", tensors=True)
     state = {
         "format_version": FORMAT_VERSION,
         "params": {k: v.detach().cpu().clone() for k, v in params.items()},
+        "meta_params": isinstance(params, MetaParams),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": config,
         "step": int(step),
@@ -138,7 +157,9 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, optimizer: torch.op
                     requires_grad: bool = True) -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
-    Returns ``{'params', 'config', 'step', 'optimizer', 'extra'}``; ``params`` are leaf tensors on ``device``.
+    Returns ``{'params', 'config', 'step', 'optimizer', 'extra'}``; ``params`` are leaf tensors on ``device``,
+    in a :class:`metatut.MetaParams` when one was saved, else in a dict keyed as saved (a format-1 checkpoint's
+    legacy ``inner_lr.<name>`` keys too: ``metatut.MetaParams.from_flat(params, model=model)`` converts them).
     When ``optimizer`` is given its state is restored (build it over the returned params first with
     ``load_checkpoint(path)['params']``, or pass one built over tensors of the same shapes).
 
@@ -207,6 +228,13 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, optimizer: torch.op
         raise _fail(path, f"is truncated or not a torch checkpoint ({type(err).__name__}: {reason})") from err
     _check_state(path, state, requires_grad)
     params = {k: v.to(device).requires_grad_(requires_grad) for k, v in state["params"].items()}
+    if state.get("meta_params"):
+        from .engine.conventions import MetaParams
+
+        try:
+            params = MetaParams.from_flat(params)
+        except ValueError as err:
+            raise _fail(path, f"has meta-parameters whose keys cannot be read ({err})") from err
     if optimizer is not None:
         if state["optimizer"] is None:
             raise CheckpointError(f"{path} holds no optimizer state (it was saved without optimizer=); load it "
@@ -228,7 +256,7 @@ def _check_state(path: Path, state, requires_grad: bool) -> None:
         raise _fail(path, f"is not a metatut checkpoint (format {FORMAT_VERSION}): it holds "
                     + (f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict)
                        else f"a {type(state).__name__}"))
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in READABLE_FORMATS:
         raise CheckpointError(f"checkpoint {path} is not a metatut checkpoint (format {FORMAT_VERSION}): it has "
                               f"format_version {state['format_version']!r}; load it with the metatut version that "
                               f"wrote it, or {_WHAT_TO_DO}")
@@ -253,6 +281,8 @@ def _check_state(path: Path, state, requires_grad: bool) -> None:
         if not (isinstance(value, kind) or (nullable and value is None)):
             raise _fail(path, f"has {key!r} of the wrong kind (a {type(value).__name__}; expected a dict"
                         + (" or None)" if nullable else ")"))
+    if not isinstance(state.get("meta_params", False), bool):
+        raise _fail(path, f"has 'meta_params' {state['meta_params']!r}; expected True or False")
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise _fail(path, f"has 'step' {step!r}; expected an int >= 0")

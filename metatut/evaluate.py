@@ -11,23 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .engine.conventions import at_step, resolve_inner_lr, step_overrides
 from .engine.execution import over_tasks
-from .engine.inner_loop import LossFn, adapt, trajectory
-from .engine.policy import Probe, use_vmap
+from .engine.inner_loop import LossFn, adapt, inner_trajectory, prepare
+from .engine.policy import use_vmap
 from .models import Params
 from .tasks.base import TaskBatch
 from .tasks.episodes import held_out_episodes
-from .validate import (
-    apply_loss,
-    batch_tensors,
-    check_adapt_names,
-    check_batch,
-    check_inputs,
-    check_params,
-    check_positive_int,
-    prepare_loss,
-)
 
 __all__ = ["Summary", "summarize", "adaptation_curve", "evaluate_adaptation", "adapted_accuracy", "adapted_predictor",
            "held_out_episodes"]
@@ -75,14 +64,17 @@ def summarize(values: Tensor | Sequence[float]) -> Summary:
     return Summary(float(v.mean()), float(1.96 * v.std(unbiased=True) / math.sqrt(n)), n)
 
 
-def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr, steps: int,
+def adaptation_curve(model: nn.Module, params: Params, batch, *, inner_lr=None, steps: int,
                      adapt_names=None, buffers=None, loss_fn: LossFn = F.mse_loss, vectorize="auto",
-                     chunk_size: int | None = None) -> Tensor:
-    """Query loss of each task after 0, 1, ..., ``steps`` SGD steps on its support set.
+                     chunk_size: int | None = None, inner_optimizer=None, inner_loss=None,
+                     outer_loss=None) -> Tensor:
+    """Query (outer) loss of each task after 0, 1, ..., ``steps`` inner steps on its support set (inner loss).
 
     Returns a detached tensor ``[tasks, steps + 1]``. Used at test time: no meta-gradient is kept.
-    ``inner_lr``, ``adapt_names`` and ``buffers`` are as in :func:`metatut.maml_loss` (e.g. ``'learned'`` for
-    Meta-SGD); ``chunk_size`` bounds the tasks per vmap call.
+    ``inner_lr``, ``inner_optimizer``, ``adapt_names`` and ``buffers`` are as in :func:`metatut.maml_loss` (e.g.
+    ``'learned'`` for Meta-SGD, ``inner_optimizer=metatut.inner_adam(0.01)``), and so is the closure form: ``batch``
+    any pytree of tensors ``[tasks, ...]`` with ``inner_loss``/``outer_loss`` functions of ``(params, task)``.
+    ``chunk_size`` bounds the tasks per vmap call.
 
     Example::
 
@@ -92,35 +84,31 @@ def adaptation_curve(model: nn.Module, params: Params, batch: TaskBatch, *, inne
         >>> adaptation_curve(model, mt.init_params(model), batch, inner_lr=0.01, steps=4).shape
         torch.Size([3, 5])
     """
-    check_params(params)
-    check_batch(batch)
-    check_inputs(model, params, batch_tensors(batch))
-    loss_fn = prepare_loss(loss_fn, {"support_y": batch.support_y, "query_y": batch.query_y})
-    check_positive_int("steps", steps, minimum=0)
-    theta, rates = resolve_inner_lr(inner_lr, {k: v.detach() for k, v in params.items()})
-    theta, overrides = step_overrides(theta, steps, buffers)
-    names = check_adapt_names(theta, adapt_names)
+    ready = prepare(model, {k: v.detach() for k, v in params.items()} if isinstance(params, dict) else params, batch,
+                    inner_lr=inner_lr, inner_optimizer=inner_optimizer, inner_loss=inner_loss, outer_loss=outer_loss,
+                    loss_fn=loss_fn, steps=steps, adapt_names=adapt_names, buffers=buffers)
+    losses = ready.losses
 
-    def curve(net, p, sx, sy, qx, qy, functional):
-        path = trajectory(net, p, sx, sy, rates=rates, steps=steps, first_order=True, adapt_names=names,
-                          loss_fn=loss_fn, functional=functional, overrides=overrides)
-        return torch.stack([apply_loss(loss_fn, functional_call(net, {**q, **at_step(overrides, k)}, (qx,)), qy,
-                                       "query_y").detach() for k, q in enumerate(path)])
+    def curve(net, p, task, functional):
+        path = inner_trajectory(net, p, task, losses=losses, optimizer=ready.optimizer, steps=steps, first_order=True,
+                                adapt_names=ready.names, functional=functional)
+        return torch.stack([losses.outer(net, q, task, k, p).detach() for k, q in enumerate(path)])
 
-    probe = Probe(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y, loss_fn, inner_lr)
     with torch.no_grad():
-        vmapped = use_vmap(model, vectorize, per_step=overrides is not None, probe=probe)
-        return over_tasks(model, curve, theta, (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
-                          use_vmap=vmapped, chunk_size=chunk_size)
+        vmapped = use_vmap(model, vectorize, per_step=ready.overrides is not None, probe=ready.probe)
+        return over_tasks(model, curve, ready.theta, (ready.tasks,), use_vmap=vmapped, chunk_size=chunk_size)
 
 
-def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, inner_lr: float,
+def evaluate_adaptation(model: nn.Module, params: Params, tasks, *, inner_lr=None,
                         steps: Sequence[int] = (0, 1, 10), adapt_names=None, loss_fn: LossFn = F.mse_loss,
-                        vectorize="auto", chunk_size: int | None = None) -> dict[int, Summary]:
+                        vectorize="auto", chunk_size: int | None = None, inner_optimizer=None, inner_loss=None,
+                        outer_loss=None) -> dict[int, Summary]:
     """Fine-tune ``params`` on each held-out task's support set and score its query set.
 
-    Returns ``{k: Summary}``: the query loss after ``k`` SGD steps of size ``inner_lr``, for each
-    ``k`` in ``steps``. Works for any parameters: MAML's, the summed-loss baseline's, a random init.
+    Returns ``{k: Summary}``: the query loss after ``k`` inner steps (SGD of size ``inner_lr``, or
+    ``inner_optimizer``), for each ``k`` in ``steps``. Works for any parameters: MAML's, the summed-loss
+    baseline's, a random init; and for the closure form (``inner_loss``/``outer_loss``, see
+    :func:`adaptation_curve`).
 
     Example::
 
@@ -138,8 +126,8 @@ def evaluate_adaptation(model: nn.Module, params: Params, tasks: TaskBatch, *, i
     if not steps or steps[0] < 0:
         raise ValueError(f"steps must be a non-empty list of ints >= 0, e.g. steps=(0, 1, 10) (got {tuple(steps)})")
     curve = adaptation_curve(model, params, tasks, inner_lr=inner_lr, steps=steps[-1], adapt_names=adapt_names,
-                             loss_fn=loss_fn,
-                             vectorize=vectorize, chunk_size=chunk_size)
+                             loss_fn=loss_fn, vectorize=vectorize, chunk_size=chunk_size,
+                             inner_optimizer=inner_optimizer, inner_loss=inner_loss, outer_loss=outer_loss)
     return {k: summarize(curve[:, k]) for k in steps}
 
 

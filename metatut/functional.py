@@ -36,6 +36,7 @@ from __future__ import annotations
 from .engine.conventions import (
     LEARNED_LR_PREFIX,
     PER_STEP_PREFIX,
+    MetaParams,
     batch_norm_names,
     final_layer_names,
     learned_inner_lrs,
@@ -50,7 +51,8 @@ from .engine.conventions import step_size as _rate
 from .engine.conventions import updates_running_stats as _updates_running_stats
 from .engine.execution import _PrecomputedGradient, accumulated_meta_loss
 from .engine.execution import reduce as _reduce
-from .engine.inner_loop import LossFn, adapt, inner_step
+from .engine.inner_loop import ClosureLoss, LossFn, Task, adapt, closure_losses, inner_step
+from .engine.inner_optimizers import InnerOptimizer, as_inner_optimizer, inner_adam, inner_sgd, inner_sgd_momentum
 from .engine.inner_loop import sgd_step as _sgd_step
 from .engine.inner_loop import task_meta_loss as _task_meta_loss
 from .engine.inner_loop import trajectory as _trajectory
@@ -97,7 +99,9 @@ __all__ = [
     "summed_loss_objective", "reptile_loss", "reptile_objective", "learned_inner_lrs", "split_learned_lrs",
     "final_layer_names", "meta_gradient", "adaptation_curve", "PER_STEP_PREFIX", "per_step_params",
     "per_step_buffers", "batch_norm_names", "accumulated_meta_loss", "VectorizeError", "MetaOptions",
-    "ExecutionOptions", "register_vmap_verified",
+    "ExecutionOptions", "register_vmap_verified", "MetaParams",
+    "ClosureLoss", "Task", "closure_losses", "InnerOptimizer", "as_inner_optimizer", "inner_sgd", "inner_sgd_momentum",
+    "inner_adam",
 ]
 
 # Private names of the engine before the split, kept for code (and tests) that reached in.

@@ -230,15 +230,15 @@ def check_model_params(model: nn.Module, params) -> None:
         ...
         ValueError: params is missing the model's parameters ['bias']: ...
     """
-    from .engine.conventions import LEARNED_LR_PREFIX, PER_STEP_PREFIX
+    from .engine.conventions import classify_key
 
     model_names = [n for n, _ in model.named_parameters()]
     known = set(model_names) | {n for n, _ in model.named_buffers()}
     present, unknown = set(), []
     for key in params:
-        if key.startswith(LEARNED_LR_PREFIX):
+        kind, _, name = classify_key(key, known)  # the model's own names first: a submodule may be 'per_step'
+        if kind == "inner_lr":
             continue
-        name = key[len(PER_STEP_PREFIX):].partition(".")[2] if key.startswith(PER_STEP_PREFIX) else key
         if name in known:
             present.add(name)
         else:

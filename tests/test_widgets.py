@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 import metatut as mt  # noqa: E402
 from metatut.widgets import (  # noqa: E402
-    AdaptationData, adaptation_data, adaptation_explorer, adaptation_figure,
+    DIVERGENCE_FACTOR, EXPLORER_PLACEHOLDER, AdaptationData, adaptation_data, adaptation_explorer, adaptation_figure,
+    format_loss,
 )
 
 ipywidgets = pytest.importorskip("ipywidgets")
@@ -171,3 +172,58 @@ def test_bad_params_raise(model, params):
         adaptation_data("not a model", params, 1.0, 0.0, 5, 1, 0.01)
     with pytest.raises(ValueError, match="inner_lr must be > 0"):
         adaptation_explorer(model, {"p": params}, inner_lr=0.0)
+
+
+# ------------------------------------------------------------------------------ titles when adaptation diverges
+@pytest.mark.parametrize("value, start, expected", [
+    (4.41609668, None, "4.42"),
+    (0.000123456, None, "0.000123"),
+    (123456.0, None, "1.23e+05"),
+    (35888928.0, 4.4, "diverged"),             # > DIVERGENCE_FACTOR x the start
+    (4.0 * DIVERGENCE_FACTOR, 4.4, "4e+03"),   # within the bound: a number
+    (math.nan, None, "diverged"),
+    (math.inf, 1.0, "diverged"),
+])
+def test_format_loss(value, start, expected):
+    assert format_loss(value, start=start) == expected
+
+
+def test_title_says_diverged_with_a_large_step_and_one_shot():
+    model = mt.mlp(seed=0)  # the course's sinusoid network (40, 40)
+    params = mt.init_params(model)
+    fig = adaptation_figure(model, params, amplitude=3.0, phase=1.0, shots=1, steps=30, inner_lr=0.2, label="random")
+    data = fig.adaptation_data
+    assert data.diverged and data.curve_diverged
+    title = fig.axes[0].get_title()
+    assert title.endswith(f"MSE {data.loss_before:.3g} → diverged"), title
+    assert "nan" not in title and not any(len(run) > 5 for run in "".join(c if c.isdigit() else " " for c in title).split())
+    assert fig.axes[1].get_yscale() == "log"  # the curve stays readable
+    assert any("(diverged)" in line.get_label() for line in fig.axes[0].get_lines())
+
+    # α = 1 overflows to inf: still "diverged", never "inf" or "nan"
+    overflow = adaptation_figure(model, params, 3.0, 1.0, 1, 30, 1.0)
+    assert not math.isfinite(overflow.adaptation_data.loss_after)
+    assert overflow.axes[0].get_title().endswith("→ diverged")
+
+
+def test_title_of_a_normal_setting_has_three_significant_digits(model, params):
+    fig = adaptation_figure(model, params, 2.0, 1.0, 10, 5, 0.01, 0)
+    data = fig.adaptation_data
+    assert not data.diverged and not data.curve_diverged
+    assert fig.axes[0].get_title() == (f"A=2.00, φ=1.00, α=0.01: MSE {data.loss_before:.3g} → "
+                                       f"{data.loss_after:.3g}")
+    assert fig.axes[1].get_yscale() == "linear"
+
+
+# ---------------------------------------------------------------- what a notebook saves for the explorer's output
+def test_display_bundle_carries_a_picture_and_a_short_text(model, params):
+    explorer = adaptation_explorer(model, {"random init": params}, steps=3)
+    bundle = explorer._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.model_id
+    assert bundle["text/plain"] == EXPLORER_PLACEHOLDER and "run the cell" in bundle["text/plain"]
+    png = bundle["image/png"]
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    # The picture follows the current setting, and drawing it leaves pyplot's figures alone.
+    controls(explorer)["SGD steps"].value = 30
+    assert explorer._repr_mimebundle_()["image/png"] != png
+    assert plt.get_fignums() == []

@@ -1,8 +1,11 @@
-"""Small plotting helpers shared by the notebooks (matplotlib; each returns the Axes it drew on)."""
+"""Small plotting helpers shared by the notebooks (matplotlib; each returns the Axes it drew on), and
+:func:`display_path`, which prints a path without the machine it runs on."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -11,7 +14,38 @@ from torch import Tensor, nn
 from ..models import Params, forward
 from ..tasks.base import TaskBatch
 
-__all__ = ["plot_sinusoid_task", "plot_predictions", "plot_loss_histories", "plot_adaptation_curves"]
+__all__ = ["plot_sinusoid_task", "plot_predictions", "plot_loss_histories", "plot_adaptation_curves", "display_path"]
+
+#: The source checkout this package runs from (the folder with pyproject.toml), or None when installed.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+if not (_CHECKOUT / "pyproject.toml").is_file():
+    _CHECKOUT = None
+
+
+def display_path(path) -> str:
+    """``path`` as a notebook should print it: without the absolute location of the machine that ran it.
+
+    Inside the source checkout: ``<checkout>/`` and the path relative to it; under the home folder: ``~/...``;
+    anything else as it is. Committed notebook outputs then read the same on every machine.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> display_path(Path.home() / ".cache" / "metatut")
+        '~/.cache/metatut'
+        >>> display_path("relative/folder")
+        'relative/folder'
+    """
+    path = Path(os.fspath(path)).expanduser()
+    if not path.is_absolute():
+        return path.as_posix()
+    resolved = path.resolve()
+    home = Path.home().resolve()
+    for base, name in ((_CHECKOUT, "<checkout>"), (home if home != Path(home.anchor) else None, "~")):
+        if base is not None and resolved.is_relative_to(base):
+            rest = resolved.relative_to(base).as_posix()
+            return name if rest == "." else f"{name}/{rest}"
+    return path.as_posix()
 
 
 def _axes(ax):

@@ -11,6 +11,7 @@ explorer can be tested without a browser; :func:`adaptation_figure` draws its re
 """
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from ..tasks.regression import SinusoidTasks
 
 __all__ = [
     "AMPLITUDE_RANGE", "PHASE_RANGE", "SHOTS_RANGE", "STEPS_RANGE", "INNER_LR_RANGE", "X_RANGE",
-    "AdaptationData", "adaptation_data", "draw_adaptation", "adaptation_figure", "adaptation_explorer",
+    "DIVERGENCE_FACTOR", "EXPLORER_PLACEHOLDER", "AdaptationData", "adaptation_data", "format_loss", "draw_adaptation",
+    "adaptation_figure", "adaptation_png", "adaptation_explorer",
 ]
 
 #: Allowed values of each setting (inclusive). The sinusoid training tasks use A in [0.1, 5] and
@@ -40,6 +42,13 @@ STEPS_RANGE = (0, 100)
 INNER_LR_RANGE = (0.0, 1.0)
 #: Inputs of the task: support points are drawn uniformly from it; the fit is scored on a grid over it.
 X_RANGE = SinusoidTasks().x_range
+#: Adaptation counts as *diverged* when its final loss is not finite or exceeds this many times the loss it
+#: started from (or this many times 1e-3, when it started near zero): the title then says "diverged" instead of
+#: printing a meaningless 21-digit number.
+DIVERGENCE_FACTOR = 1e3
+#: The text that stands for the explorer where its live widget cannot be shown (a notebook that was not run,
+#: a static viewer): next to it, the same bundle carries a PNG of the explorer's picture.
+EXPLORER_PLACEHOLDER = "Adaptation explorer (a picture of its first setting): run the cell to use the explorer"
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -116,6 +125,39 @@ class AdaptationData:
         """Mean squared error to the true function (on the grid) after ``steps`` steps."""
         return float(self.curve[-1])
 
+    @property
+    def diverged(self) -> bool:
+        """Whether the final loss is non-finite or above :data:`DIVERGENCE_FACTOR` times the starting loss."""
+        return _diverged(self.loss_after, self.loss_before)
+
+    @property
+    def curve_diverged(self) -> bool:
+        """Whether the loss left that bound at *any* step (it can blow up and come back, e.g. when units die)."""
+        return any(_diverged(float(value), self.loss_before) for value in self.curve)
+
+
+def _diverged(value: float, start: float) -> bool:
+    return not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(start, 1e-3)
+
+
+def format_loss(value: float, start: float | None = None) -> str:
+    """A loss for a title: three significant digits, or ``"diverged"``.
+
+    ``"diverged"`` when ``value`` is not finite, or when ``start`` (the loss adaptation started from) is given
+    and ``value`` exceeds :data:`DIVERGENCE_FACTOR` times it.
+
+    Example::
+
+        >>> format_loss(4.41609668), format_loss(0.000123456), format_loss(float("nan"))
+        ('4.42', '0.000123', 'diverged')
+        >>> format_loss(35888928.0, start=4.4), format_loss(35888928.0)
+        ('diverged', '3.59e+07')
+    """
+    value = float(value)
+    if not math.isfinite(value) or (start is not None and _diverged(value, float(start))):
+        return "diverged"
+    return f"{value:.3g}"
+
 
 def adaptation_data(model: nn.Module, params: Params, amplitude: float, phase: float, shots: int, steps: int,
                     inner_lr: float, seed: int = 0, *, grid_points: int = 200) -> AdaptationData:
@@ -166,7 +208,11 @@ def adaptation_data(model: nn.Module, params: Params, amplitude: float, phase: f
 
 # --------------------------------------------------------------------------------------------- figure
 def draw_adaptation(data: AdaptationData, *, label: str | None = None, axes=None):
-    """Draw ``data`` on two Axes (fit | loss after each step); return the Figure."""
+    """Draw ``data`` on two Axes (fit | loss after each step); return the Figure.
+
+    The title gives the losses to three significant digits, or "diverged" (see :func:`format_loss`); when the
+    loss curve blows up, its panel switches to a logarithmic scale so that it stays readable.
+    """
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     fit_ax, curve_ax = axes
@@ -174,20 +220,25 @@ def draw_adaptation(data: AdaptationData, *, label: str | None = None, axes=None
     fit_ax.plot(data.grid_x, data.true_y, color="0.5", ls="--", lw=1.5, label="true function")
     fit_ax.plot(data.grid_x, data.before_y, color="tab:blue", label="before adaptation")
     fit_ax.plot(data.grid_x, data.after_y, color="tab:orange",
-                label=f"after {data.steps} step{'s' if data.steps != 1 else ''}")
+                label=f"after {data.steps} step{'s' if data.steps != 1 else ''}"
+                      + (" (diverged)" if data.diverged else ""))
     fit_ax.scatter(data.support_x, data.support_y, color="k", s=22, zorder=3, label=f"support (K={data.shots})")
     fit_ax.set_xlabel("x")
     fit_ax.set_ylabel("y")
     limit = max(1.0, 1.3 * data.amplitude)
     fit_ax.set_ylim(-limit, limit)
     fit_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
-    title = (f"A={data.amplitude:.2f}, φ={data.phase:.2f}, α={data.inner_lr:g}: "
-             f"MSE {data.loss_before:.3f} → {data.loss_after:.3f}")
+    title = (f"A={data.amplitude:.2f}, φ={data.phase:.2f}, α={data.inner_lr:.3g}: "
+             f"MSE {format_loss(data.loss_before)} → {format_loss(data.loss_after, start=data.loss_before)}")
     fit_ax.set_title(f"{label}: {title}" if label else title, fontsize=10)
     curve_ax.plot(range(data.steps + 1), data.curve, marker="o", ms=3, color="tab:orange")
     curve_ax.set_xlabel("SGD steps on the support set")
     curve_ax.set_ylabel("MSE to true function")
-    curve_ax.set_ylim(bottom=0)
+    if data.curve_diverged:
+        curve_ax.set_yscale("log")  # 1e+20 next to 4.4 on a linear axis is a flat line and a spike
+        curve_ax.set_ylabel("MSE to true function (log)")
+    else:
+        curve_ax.set_ylim(bottom=0)
     curve_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
@@ -205,6 +256,22 @@ def adaptation_figure(model: nn.Module, params: Params, amplitude: float, phase:
     return fig
 
 
+def adaptation_png(data: AdaptationData, *, label: str | None = None, dpi: float | None = None) -> bytes:
+    """:func:`draw_adaptation`'s picture as PNG bytes, drawn off-screen (pyplot's figures are not touched).
+
+    ``dpi`` defaults to ``matplotlib.rcParams["figure.dpi"]``, as the notebook's inline figures use.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.8), dpi=dpi or plt.rcParams["figure.dpi"])
+    FigureCanvasAgg(fig)
+    draw_adaptation(data, label=label, axes=fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]}))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", facecolor="white")
+    return buffer.getvalue()
+
+
 # ------------------------------------------------------------------------------------------- explorer
 def adaptation_explorer(model: nn.Module, params_by_name: Mapping[str, Params], *, seed: int = 0,
                         amplitude: float = 2.5, phase: float = 1.0, shots: int = 10, steps: int = 5,
@@ -214,6 +281,11 @@ def adaptation_explorer(model: nn.Module, params_by_name: Mapping[str, Params], 
     ``params_by_name`` maps a label (e.g. ``"random init"``) to a parameter dict for ``model``. Returns an
     ``ipywidgets.interactive``: display it in a notebook; ``.result`` holds the :class:`AdaptationData`
     of the current setting, and each control is a child whose ``description`` names it.
+
+    Displayed, it offers the live widget and, in the same output, a PNG of its current picture and the short
+    text :data:`EXPLORER_PLACEHOLDER`: a notebook saved with this output shows the picture where the widget
+    cannot be rendered (opened without running it, untrusted, on a static viewer), and the live widget once
+    the cell runs.
     """
     import ipywidgets as widgets
 
@@ -261,4 +333,28 @@ def adaptation_explorer(model: nn.Module, params_by_name: Mapping[str, Params], 
         plt.close(fig)
         return data
 
-    return widgets.interactive(show, **controls)
+    return _explorer_class()(show, **controls)
+
+
+_EXPLORER_CLASS = None
+
+
+def _explorer_class():
+    """``ipywidgets.interactive`` whose display bundle also carries a static picture (built once, lazily)."""
+    global _EXPLORER_CLASS
+    if _EXPLORER_CLASS is None:
+        import ipywidgets as widgets
+
+        class AdaptationExplorer(widgets.interactive):
+            """The explorer's widget; its display bundle adds ``image/png`` and a short ``text/plain``."""
+
+            def _repr_mimebundle_(self, **kwargs):
+                bundle = super()._repr_mimebundle_(**kwargs)
+                if bundle and isinstance(self.result, AdaptationData):
+                    name = self.kwargs.get("name")
+                    bundle["image/png"] = adaptation_png(self.result, label=name)
+                    bundle["text/plain"] = EXPLORER_PLACEHOLDER
+                return bundle
+
+        _EXPLORER_CLASS = AdaptationExplorer
+    return _EXPLORER_CLASS

@@ -3,8 +3,12 @@
 * :mod:`~metatut.engine.options`: :class:`MetaOptions` (what to compute) and :class:`ExecutionOptions` (how);
 * :mod:`~metatut.engine.policy`: vmap over tasks or the per-task loop (verified layers, the static judgement,
   the runtime check's cache; :mod:`~metatut.engine.verify` runs that check);
-* :mod:`~metatut.engine.conventions`: the family's keys in a parameter dict (``inner_lr.*``, ``per_step.*``);
-* :mod:`~metatut.engine.inner_loop`: one inner step, the trajectory, :func:`inner_step`, :func:`adapt`;
+* :mod:`~metatut.engine.conventions`: :class:`MetaParams` (model parameters, learned step sizes, per-step copies)
+  and the legacy keys of a plain parameter dict (``inner_lr.*``, ``per_step.*``);
+* :mod:`~metatut.engine.inner_loop`: the inner loop on closures ``loss(params, task)``, the trajectory,
+  :func:`inner_step`, :func:`adapt` (the ``TaskBatch`` + ``loss_fn`` form as a thin layer on top);
+* :mod:`~metatut.engine.inner_optimizers`: the inner optimisers (:func:`sgd`, :func:`sgd_momentum`, :func:`adam`,
+  TorchOpt's transformations) behind the :class:`InnerOptimizer` protocol;
 * :mod:`~metatut.engine.execution`: the loop, vmap, task threads, per-task backward, checkpointing;
 * :mod:`~metatut.engine.meta_loss`: task losses, :func:`maml_loss`, the objectives;
 * :mod:`~metatut.engine.reptile`: Reptile's surrogate loss.
@@ -14,6 +18,7 @@ Input checks live in :mod:`metatut.validate`; :mod:`metatut.functional` re-expor
 from .conventions import (
     LEARNED_LR_PREFIX,
     PER_STEP_PREFIX,
+    MetaParams,
     batch_norm_names,
     final_layer_names,
     learned_inner_lrs,
@@ -22,7 +27,21 @@ from .conventions import (
     split_learned_lrs,
 )
 from .execution import accumulated_meta_loss
-from .inner_loop import LossFn, adapt, inner_step
+from .inner_loop import ClosureLoss, LossFn, Task, adapt, closure_losses, inner_step
+from .inner_optimizers import (
+    Adam,
+    InnerOptimizer,
+    SGD,
+    SGDMomentum,
+    TorchOptAdapter,
+    adam,
+    as_inner_optimizer,
+    inner_adam,
+    inner_sgd,
+    inner_sgd_momentum,
+    sgd,
+    sgd_momentum,
+)
 from .meta_loss import (
     MAMLObjective,
     maml_loss,
@@ -52,8 +71,10 @@ from .reptile import reptile_loss, reptile_objective
 __all__ = [
     "MetaOptions", "ExecutionOptions", "LossFn", "VMAP_VERIFIED_LAYERS", "VMAP_UNSAFE_LAYERS", "VectorizeError",
     "VectorizeWarning", "can_vectorize", "prefers_vmap", "judge", "register_vmap_verified", "forget_verdict",
-    "LEARNED_LR_PREFIX", "PER_STEP_PREFIX", "learned_inner_lrs", "split_learned_lrs", "final_layer_names",
+    "MetaParams", "LEARNED_LR_PREFIX", "PER_STEP_PREFIX", "learned_inner_lrs", "split_learned_lrs", "final_layer_names",
     "batch_norm_names", "per_step_params", "per_step_buffers", "inner_step", "adapt", "accumulated_meta_loss",
     "task_loss", "per_task_losses", "summed_task_loss", "maml_loss", "compute_maml_loss", "MAMLObjective", "maml_objective",
     "msl_weights", "meta_gradient", "summed_loss_objective", "reptile_loss", "reptile_objective",
+    "ClosureLoss", "Task", "closure_losses", "InnerOptimizer", "SGD", "SGDMomentum", "Adam", "TorchOptAdapter", "sgd",
+    "sgd_momentum", "adam", "as_inner_optimizer", "inner_sgd", "inner_sgd_momentum", "inner_adam",
 ]

@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..models import Params
 from ..validate import check_positive_int, check_reduction
 from .options import ExecutionOptions
 
-__all__ = ["TaskFn", "over_tasks", "run_meta_loss", "accumulated_meta_loss", "checkpointed", "reduce"]
+__all__ = ["TaskFn", "over_tasks", "run_meta_loss", "accumulated_meta_loss", "checkpointed", "reduce", "num_tasks",
+           "task_slice"]
 
 #: ``task_fn(model, params, support_x, support_y, query_x, query_y, functional)`` -> one task's value.
 TaskFn = Callable[..., Tensor]
@@ -39,9 +41,33 @@ def reduce(losses: Tensor, reduction: str) -> Tensor:
     return losses.mean() if reduction == "mean" else losses.sum()
 
 
-def over_tasks(model: nn.Module, task_fn: TaskFn, params, tensors: tuple[Tensor, ...], *, use_vmap: bool,
+def num_tasks(tasks) -> int:
+    """The leading (task) dimension of a pytree of tensors (a tensor, a tuple, a dict, a named tuple, ...).
+
+    Example::
+
+        >>> num_tasks({"ids": torch.zeros(3, 5, 7, dtype=torch.long), "lengths": torch.ones(3, 5)})
+        3
+    """
+    return next(t for t in tree_flatten(tasks)[0] if isinstance(t, Tensor)).shape[0]
+
+
+def task_slice(tasks, index: int):
+    """Task ``index`` of a pytree of tensors with a leading task dimension (``t[index]`` for each tensor; other
+    leaves, e.g. None, as they are).
+
+    Example::
+
+        >>> task_slice({"x": torch.arange(6).view(3, 2)}, 1)
+        {'x': tensor([2, 3])}
+    """
+    return tree_map(lambda t: t[index] if isinstance(t, Tensor) else t, tasks)
+
+
+def over_tasks(model: nn.Module, task_fn: TaskFn, params, tensors: tuple, *, use_vmap: bool,
                chunk_size: int | None = None) -> Tensor:
-    """``task_fn`` for each task, stacked: ``tensors`` are ``[tasks, ...]`` each; returns ``[tasks, ...]``.
+    """``task_fn`` for each task, stacked: ``tensors`` are ``[tasks, ...]`` each (or pytrees of such tensors, e.g.
+    a dict; ``task_fn`` then gets one task's slice of each); returns ``[tasks, ...]``.
 
     ``use_vmap=True`` runs ``torch.func.vmap`` over the leading dimension (``chunk_size`` tasks at a time,
     ``functional=True``); ``False`` the per-task loop (``functional=False``).
@@ -60,14 +86,16 @@ def over_tasks(model: nn.Module, task_fn: TaskFn, params, tensors: tuple[Tensor,
     if use_vmap:
         return vmap(lambda p, *t: task_fn(model, p, *t, functional=True), in_dims=(None, *[0] * len(tensors)),
                     chunk_size=chunk_size)(params, *tensors)
-    return torch.stack([task_fn(model, params, *(t[i] for t in tensors), functional=False)
-                        for i in range(tensors[0].shape[0])])
+    return torch.stack([task_fn(model, params, *(task_slice(t, i) for t in tensors), functional=False)
+                        for i in range(num_tasks(tensors[0]))])
 
 
 def run_meta_loss(model: nn.Module, task_fn: TaskFn, theta: Params, batch, params: Params, *,
                   execution: ExecutionOptions, use_vmap: bool, reduction: str) -> Tensor:
     """The reduced per-task ``task_fn`` over ``batch``'s tasks, run as ``execution`` says (vmap, the loop, task
-    threads or per-task backward; ``params``: the leaves the threaded paths differentiate).
+    threads or per-task backward; ``params``: the leaves the threaded paths differentiate). A
+    :class:`~metatut.TaskBatch` gives ``task_fn`` its four tensors (``sx, sy, qx, qy``); any other pytree of tensors
+    with a leading task dimension is given as one argument, one task's slice of it.
 
     Example::
 
@@ -81,19 +109,23 @@ def run_meta_loss(model: nn.Module, task_fn: TaskFn, theta: Params, batch, param
         ...               reduction="mean").shape
         torch.Size([])
     """
-    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    from ..tasks.base import TaskBatch
+
+    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y) if isinstance(batch, TaskBatch) \
+        else (batch,)
     if not use_vmap and execution.threaded:
         def one_task(net: nn.Module, t: int) -> Tensor:
-            return task_fn(net, theta, *(x[t] for x in tensors), functional=False)
-        return accumulated_meta_loss(model, one_task, batch.num_tasks, params, workers=execution.task_workers,
+            return task_fn(net, theta, *(task_slice(x, t) for x in tensors), functional=False)
+        return accumulated_meta_loss(model, one_task, num_tasks(tensors[0]), params, workers=execution.task_workers,
                                      per_task=execution.per_task_backward, reduction=reduction)
     losses = over_tasks(model, task_fn, theta, tensors, use_vmap=use_vmap, chunk_size=execution.vmap_chunk_size)
     return reduce(losses, reduction)
 
 
-def checkpointed(step_fn: Callable[[Params], Params], params: Params) -> Params:
+def checkpointed(step_fn: Callable, params):
     """``step_fn(params)`` under gradient checkpointing: its intermediate values are not stored but recomputed
-    in the backward pass (less memory, more time). ``step_fn`` must bind everything it reads that may change
+    in the backward pass (less memory, more time). ``params`` and the result are pytrees (a dict of tensors, or
+    e.g. ``(params, optimizer state)``). ``step_fn`` must bind everything it reads that may change
     later (loop variables), since it runs again after the caller has moved on.
 
     Example::
@@ -103,14 +135,20 @@ def checkpointed(step_fn: Callable[[Params], Params], params: Params) -> Params:
         >>> torch.autograd.grad(out["w"].sum(), w)
         (tensor([4.]),)
     """
-    names = list(params)
+    leaves, spec = tree_flatten(params)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    out_spec = []
 
     def flat(*tensors):
-        out = step_fn(dict(zip(names, tensors, strict=True)))
-        return tuple(out[n] for n in names)
+        full = list(leaves)
+        for i, t in zip(where, tensors, strict=True):
+            full[i] = t
+        out_leaves, structure = tree_flatten(step_fn(tree_unflatten(full, spec)))
+        out_spec[:] = [structure]
+        return tuple(out_leaves)
 
-    values = torch.utils.checkpoint.checkpoint(flat, *params.values(), use_reentrant=False)
-    return dict(zip(names, values, strict=True))
+    values = torch.utils.checkpoint.checkpoint(flat, *(leaves[i] for i in where), use_reentrant=False)
+    return tree_unflatten(list(values), out_spec[0])
 
 
 class _PrecomputedGradient(torch.autograd.Function):

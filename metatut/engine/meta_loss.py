@@ -19,7 +19,6 @@ from ..tasks.base import TaskBatch
 from ..validate import (
     apply_loss,
     batch_tensors,
-    check_adapt_names,
     check_batch,
     check_inputs,
     check_params,
@@ -27,9 +26,9 @@ from ..validate import (
     check_reduction,
     prepare_loss,
 )
-from .conventions import resolve_inner_lr, step_overrides, updates_running_stats
+from .conventions import updates_running_stats
 from .execution import over_tasks, reduce, run_meta_loss
-from .inner_loop import LossFn, task_meta_loss
+from .inner_loop import ClosureLoss, LossFn, prepare, task_objective
 from .options import ExecutionOptions, MetaOptions, split_options
 from .policy import Probe, use_vmap
 
@@ -113,9 +112,9 @@ def summed_task_loss(model: nn.Module, params: Params, batch: TaskBatch, *, loss
 
 
 # --------------------------------------------------------------------------------------- meta-loss
-def compute_maml_loss(model: nn.Module, params: Params, batch: TaskBatch, options: MetaOptions,
-              execution: ExecutionOptions) -> Tensor:
-    """:func:`maml_loss` with its options as the two objects (inputs already checked); a scalar.
+def compute_maml_loss(model: nn.Module, params: Params, batch, options: MetaOptions,
+                      execution: ExecutionOptions) -> Tensor:
+    """:func:`maml_loss` with its options as the two objects (inputs checked here); a scalar.
 
     Example::
 
@@ -125,39 +124,58 @@ def compute_maml_loss(model: nn.Module, params: Params, batch: TaskBatch, option
         >>> compute_maml_loss(model, mt.init_params(model), batch, MetaOptions(inner_lr=0.01), ExecutionOptions()).shape
         torch.Size([])
     """
-    loss_fn = prepare_loss(options.loss_fn, {"support_y": batch.support_y, "query_y": batch.query_y})
-    theta, rates = resolve_inner_lr(options.inner_lr, params)
-    theta, overrides = step_overrides(theta, options.inner_steps, options.buffers)
-    names = check_adapt_names(theta, options.adapt_names)
-    probe = Probe(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y, loss_fn, options.inner_lr)
-    vmapped = use_vmap(model, execution.vectorize, per_step=overrides is not None,
-                       checkpoint_steps=execution.checkpoint_steps, probe=probe)
+    ready = prepare(model, params, batch, inner_lr=options.inner_lr, inner_optimizer=options.inner_optimizer,
+                    inner_loss=options.inner_loss, outer_loss=options.outer_loss, loss_fn=options.loss_fn,
+                    steps=options.inner_steps, adapt_names=options.adapt_names, buffers=options.buffers)
+    if options.closures and execution.task_workers > 1:
+        raise ValueError("task_workers > 1 cannot run inner_loss/outer_loss closures: they call the model object "
+                         "themselves, which the threads would share (functional_call swaps tensors into it); use "
+                         "task_workers=1 (per_task_backward=True also bounds memory)")
+    vmapped = use_vmap(model, execution.vectorize, per_step=ready.overrides is not None,
+                       checkpoint_steps=execution.checkpoint_steps, probe=ready.probe)
     if execution.checkpoint_steps and options.inner_steps and updates_running_stats(model):
         raise ValueError("checkpoint_steps=True cannot be used while batch norm updates running statistics (the "
                          "model's own, or per-step buffers=): recomputing each inner step in the backward pass would "
                          "update them a second time. Use checkpoint_steps=False, or model.eval() (running statistics "
                          "are then only read)")
-    task_fn = partial(task_meta_loss, rates=rates, steps=options.inner_steps, first_order=options.first_order,
-                      adapt_names=names, loss_fn=loss_fn, weights=options.step_weights, overrides=overrides,
+    task_fn = partial(task_objective, losses=ready.losses, optimizer=ready.optimizer, steps=options.inner_steps,
+                      first_order=options.first_order, adapt_names=ready.names, weights=options.step_weights,
                       checkpoint_steps=execution.checkpoint_steps)
-    return run_meta_loss(model, task_fn, theta, batch, params, execution=execution, use_vmap=vmapped,
+    return run_meta_loss(model, task_fn, ready.theta, ready.tasks, params, execution=execution, use_vmap=vmapped,
                          reduction=options.reduction)
 
 
-def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr=None, inner_steps: int = 1,
+def maml_loss(model: nn.Module, params: Params, batch, *, inner_lr=None, inner_steps: int = 1,
               first_order: bool = False, adapt_names=None, step_weights=None, checkpoint_steps: bool = False,
               buffers=None, loss_fn: LossFn = F.mse_loss, reduction: str = "mean", vectorize="auto",
               vmap_chunk_size: int | None = None, task_workers: int = 1, per_task_backward: bool = False,
+              inner_optimizer=None, inner_loss: ClosureLoss | None = None, outer_loss: ClosureLoss | None = None,
               options: MetaOptions | None = None, execution: ExecutionOptions | None = None) -> Tensor:
-    r"""The MAML meta-loss :math:`\frac{1}{T}\sum_t L_{Q_t}(\mathrm{adapt}_t(\theta))` (``reduction='mean'``; a scalar).
+    r"""The MAML meta-loss :math:`\frac{1}{T}\sum_t L^{out}_t(\mathrm{adapt}_t(\theta))` (``reduction='mean'``; a scalar).
 
     Differentiate it with respect to ``params`` (``.backward()`` or ``torch.autograd.grad``) to get
     the second-order meta-gradient, or the first-order one with ``first_order=True``.
-    ``inner_steps=0`` makes it the summed-task loss on the query sets. Options of the MAML family
-    (:class:`~metatut.engine.options.MetaOptions`, or pass one as ``options=``):
+    ``inner_steps=0`` makes it the summed-task loss on the query sets.
 
-    * ``inner_lr``: a number; a dict ``{name: step size}`` (scalar or parameter-shaped); or
-      ``'learned'`` to read step sizes from ``params`` (Meta-SGD, MAML++; see :func:`learned_inner_lrs`);
+    Two forms of the losses:
+
+    * ``batch`` a :class:`~metatut.TaskBatch` and ``loss_fn(prediction, target)``: adapt on
+      ``loss_fn(model(support_x), support_y)``, score ``loss_fn(model(query_x), query_y)``;
+    * closures: ``maml_loss(model, params, tasks, inner_loss=f, outer_loss=g, ...)`` where ``tasks`` is any pytree
+      of tensors with a leading task dimension ``[tasks, ...]`` (a dict, a tuple, a ``TaskBatch``), and ``f``/``g``
+      are called per task as ``f(params, task)`` (or ``f(params, task, meta_params)``, with the meta-parameters θ
+      the inner loop started from, e.g. for iMAML's proximal term), ``task`` being that task's slice (a
+      :class:`~metatut.engine.inner_loop.Task` for a ``TaskBatch``); they call the model themselves, e.g.
+      ``torch.func.functional_call(model, params, (task["ids"], task["lengths"]))``, and return a scalar. The model
+      is still passed: the vmap-or-loop policy judges it. See :func:`~metatut.engine.inner_loop.closure_losses`.
+
+    The inner loop: ``inner_lr`` (SGD; a number, a dict ``{name: step size}`` (scalar or parameter-shaped), or
+    ``'learned'`` to read step sizes from ``params``: Meta-SGD, MAML++, see :func:`learned_inner_lrs`) or
+    ``inner_optimizer`` (:func:`metatut.inner_sgd`, :func:`metatut.inner_sgd_momentum`, :func:`metatut.inner_adam`,
+    a TorchOpt ``GradientTransformation``, or any object with ``init``/``update``:
+    :class:`~metatut.engine.inner_optimizers.InnerOptimizer`; its state is per task).
+    Options of the MAML family (:class:`~metatut.engine.options.MetaOptions`, or pass one as ``options=``):
+
     * ``adapt_names``: adapt only these parameters in the inner loop (ANIL: :func:`final_layer_names`);
     * ``step_weights [inner_steps]``: multi-step loss :math:`\sum_k w_k L_Q(\theta_k)` (MAML++);
     * per-step parameters ``per_step.<k>.<name>`` in ``params`` (:func:`per_step_params`) replace
@@ -175,7 +193,9 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr=No
     ``per_task_backward=True`` differentiates each task as soon as its loss is built and frees its graph
     (memory of one task instead of the whole meta-batch, as the training command does), and
     ``task_workers=w`` runs the per-task loop in ``w`` threads, each differentiating its share of the tasks
-    (:func:`accumulated_meta_loss`); with either, the loss returned is differentiable once.
+    (:func:`accumulated_meta_loss`; not with closures); with either, the loss returned is differentiable once.
+    With closures, a model that cannot be judged statically (:func:`metatut.engine.policy.judge`) is checked at run
+    time through the closures, on the model itself (its buffers restored afterwards).
 
     Example::
 
@@ -188,15 +208,21 @@ def maml_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr=No
         ...                  execution=ExecutionOptions(vectorize=False))
         >>> torch.allclose(loss, same)
         True
+        >>> def support(p, task):
+        ...     return F.mse_loss(functional_call(model, p, (task["sx"],)), task["sy"])
+        >>> def query(p, task):
+        ...     return F.mse_loss(functional_call(model, p, (task["qx"],)), task["qy"])
+        >>> tasks = {"sx": batch.support_x, "sy": batch.support_y, "qx": batch.query_x, "qy": batch.query_y}
+        >>> closure = maml_loss(model, params, tasks, inner_loss=support, outer_loss=query, inner_lr=0.01, inner_steps=2)
+        >>> torch.allclose(loss, closure)
+        True
     """
-    check_params(params)
-    check_batch(batch)
-    check_inputs(model, params, batch_tensors(batch))
     meta, run = split_options(options, execution, inner_lr=inner_lr, inner_steps=inner_steps,
                               first_order=first_order, adapt_names=adapt_names, step_weights=step_weights,
                               buffers=buffers, loss_fn=loss_fn, reduction=reduction, vectorize=vectorize,
                               vmap_chunk_size=vmap_chunk_size, task_workers=task_workers,
-                              per_task_backward=per_task_backward, checkpoint_steps=checkpoint_steps)
+                              per_task_backward=per_task_backward, checkpoint_steps=checkpoint_steps,
+                              inner_optimizer=inner_optimizer, inner_loss=inner_loss, outer_loss=outer_loss)
     return compute_maml_loss(model, params, batch, meta, run)
 
 
@@ -247,8 +273,10 @@ class MAMLObjective:
     uses_step = True
 
     def __init__(self, model: nn.Module, *, first_order_until: int = 0, msl_anneal_iterations: int = 0, **options):
-        if "inner_lr" not in options and not isinstance(options.get("options"), MetaOptions):
-            raise TypeError("maml_objective needs inner_lr (a number >= 0, a dict of step sizes or 'learned')")
+        if "inner_lr" not in options and "inner_optimizer" not in options \
+                and not isinstance(options.get("options"), MetaOptions):
+            raise TypeError("maml_objective needs inner_lr (a number >= 0, a dict of step sizes or 'learned') or "
+                            "inner_optimizer")
         split_options(**options)   # validates every option once, here
         check_positive_int("first_order_until", first_order_until, minimum=0)
         check_positive_int("msl_anneal_iterations", msl_anneal_iterations, minimum=0)

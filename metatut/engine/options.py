@@ -36,11 +36,15 @@ __all__ = ["MetaOptions", "ExecutionOptions", "split_options", "META_FIELDS", "E
 class MetaOptions:
     """What the meta-loss computes (see :func:`metatut.maml_loss` for each field's meaning).
 
-    ``inner_lr``: a number >= 0, a dict ``{name: step size}`` or ``'learned'``; ``inner_steps``: an int >= 0;
+    ``inner_lr``: a number >= 0, a dict ``{name: step size}`` or ``'learned'`` (SGD's step sizes), or instead
+    ``inner_optimizer``: an inner optimiser (:func:`metatut.inner_adam`, a TorchOpt transformation, ...);
+    ``inner_steps``: an int >= 0;
     ``first_order``: drop the Hessian term; ``adapt_names``: the parameters the inner loop adapts (None: all);
     ``step_weights``: multi-step-loss weights ``[inner_steps]`` (kept as a float64 tensor); ``buffers``:
     per-step batch-norm statistics ``{k: {name: tensor}}``; ``loss_fn(prediction, target)``; ``reduction``
-    over tasks, ``'mean'`` or ``'sum'``.
+    over tasks, ``'mean'`` or ``'sum'``; ``inner_loss``/``outer_loss``: the closure form, functions of
+    ``(params, task)`` (or ``(params, task, meta_params)``) returning a scalar, both or neither (they replace
+    ``loss_fn``).
 
     Example::
 
@@ -53,7 +57,7 @@ class MetaOptions:
         ValueError: inner_lr must be a finite number >= 0 (got -1.0)
     """
 
-    inner_lr: Any
+    inner_lr: Any = None
     inner_steps: int = 1
     first_order: bool = False
     adapt_names: tuple[str, ...] | None = None
@@ -61,9 +65,16 @@ class MetaOptions:
     buffers: dict | None = None
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss
     reduction: str = "mean"
+    inner_optimizer: Any = None
+    inner_loss: Callable | None = None
+    outer_loss: Callable | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.inner_lr, str):
+        from .inner_optimizers import as_inner_optimizer
+
+        if self.inner_optimizer is not None or self.inner_lr is None:
+            object.__setattr__(self, "inner_optimizer", as_inner_optimizer(self.inner_optimizer, inner_lr=self.inner_lr))
+        elif isinstance(self.inner_lr, str):
             if self.inner_lr != "learned":
                 raise ValueError("inner_lr must be a number >= 0, a dict of tensors or 'learned' "
                                  f"(got {self.inner_lr!r})")
@@ -77,6 +88,26 @@ class MetaOptions:
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be a callable loss(prediction, target) (got {self.loss_fn!r})")
         check_reduction(self.reduction)
+        if (self.inner_loss is None) != (self.outer_loss is None):
+            raise TypeError("pass both inner_loss and outer_loss (functions of (params, task)) or neither (then the "
+                            "batch is a metatut.TaskBatch scored with loss_fn(model(x), y))")
+        for name in ("inner_loss", "outer_loss"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be a function {name}(params, task) -> scalar tensor "
+                                f"(got {getattr(self, name)!r})")
+        if self.inner_loss is not None and self.loss_fn is not F.mse_loss:
+            raise TypeError("loss_fn is not used with inner_loss/outer_loss: compute the loss inside the closures")
+
+    @property
+    def closures(self) -> bool:
+        """True for the closure form (``inner_loss``/``outer_loss`` given).
+
+        Example::
+
+            >>> MetaOptions(inner_lr=0.1).closures
+            False
+        """
+        return self.inner_loss is not None
 
     def replace(self, **changes) -> MetaOptions:
         """A copy with ``changes`` (validated again).
@@ -182,7 +213,7 @@ def split_options(options: MetaOptions | None = None, execution: ExecutionOption
                         f"{list(EXECUTION_FIELDS)}")
     meta_kw = {k: v for k, v in kwargs.items() if k in META_FIELDS}
     run_kw = {k: v for k, v in kwargs.items() if k in EXECUTION_FIELDS}
-    if options is None and meta_kw.get("inner_lr") is None:
-        raise TypeError("maml_loss needs inner_lr (a number >= 0, a dict of step sizes or 'learned') or "
-                        "options=metatut.MetaOptions(...)")
+    if options is None and meta_kw.get("inner_lr") is None and meta_kw.get("inner_optimizer") is None:
+        raise TypeError("maml_loss needs inner_lr (a number >= 0, a dict of step sizes or 'learned'), "
+                        "inner_optimizer (e.g. metatut.inner_adam(lr=0.01)) or options=metatut.MetaOptions(...)")
     return _build(MetaOptions, options, meta_kw, "options"), _build(ExecutionOptions, execution, run_kw, "execution")

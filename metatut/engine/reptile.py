@@ -12,6 +12,7 @@ from ..models import Params
 from ..tasks.base import TaskBatch
 from ..validate import batch_tensors, check_batch, check_inputs, check_params, check_positive_int, check_step_size
 from .inner_loop import LossFn, adapt
+from .inner_optimizers import as_inner_optimizer
 
 __all__ = ["reptile_loss", "reptile_objective"]
 
@@ -24,8 +25,9 @@ def _examples(batch: TaskBatch, use: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"use must be 'support' or 'both' (got {use!r})")
 
 
-def reptile_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr: float, inner_steps: int = 5,
-                 use: str = "both", loss_fn: LossFn = F.mse_loss, vectorize="auto") -> Tensor:
+def reptile_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr: float | None = None,
+                 inner_steps: int = 5, use: str = "both", loss_fn: LossFn = F.mse_loss, vectorize="auto",
+                 inner_optimizer=None) -> Tensor:
     r"""A surrogate (a scalar) whose gradient is Reptile's update direction :math:`\theta - \frac{1}{T}\sum_t \theta'_t`.
 
     Reptile runs ``inner_steps`` plain SGD steps on each task's data (``use``: ``'support'`` or ``'both'``,
@@ -33,6 +35,7 @@ def reptile_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr
     :math:`\tfrac12\lVert\theta - \mathrm{sg}(\bar\theta')\rVert^2` has exactly that gradient, so
     :func:`metatut.meta_train` with ``torch.optim.SGD(lr=ε)`` performs
     :math:`\theta \leftarrow \theta + \varepsilon(\bar\theta' - \theta)`; with Adam it is Reptile with Adam.
+    ``inner_optimizer`` replaces the inner SGD (e.g. :func:`metatut.inner_adam`, as in the Reptile paper).
 
     Example::
 
@@ -50,7 +53,7 @@ def reptile_loss(model: nn.Module, params: Params, batch: TaskBatch, *, inner_lr
     detached = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
         adapted = adapt(model, detached, x, y, inner_lr=inner_lr, steps=inner_steps, first_order=True,
-                        loss_fn=loss_fn, vectorize=vectorize)
+                        loss_fn=loss_fn, vectorize=vectorize, inner_optimizer=inner_optimizer)
     target = {k: v.detach().mean(0) for k, v in adapted.items()}
     return 0.5 * sum(((params[k] - target[k]) ** 2).sum() for k in params)
 
@@ -65,5 +68,8 @@ def reptile_objective(model: nn.Module, **options) -> Callable[[Params, TaskBatc
         >>> callable(objective)
         True
     """
-    check_step_size("inner_lr", options.get("inner_lr"))
+    if options.get("inner_optimizer") is None:
+        check_step_size("inner_lr", options.get("inner_lr"))
+    else:
+        as_inner_optimizer(options["inner_optimizer"], inner_lr=options.get("inner_lr"))
     return partial(reptile_loss, model, **options)

@@ -152,8 +152,17 @@ def _tasks(cfg: TrainConfig, device: torch.device, load_split: Callable):
     return F.cross_entropy, sample_omniglot, split.test.images.to(device)
 
 
-def _objective(cfg: TrainConfig, model, params: dict, loss_fn: Callable) -> Callable:
-    """The meta-objective of ``cfg.algorithm`` (Meta-SGD adds its learned rates to ``params``)."""
+def _meta_params(cfg: TrainConfig, model) -> dict:
+    """The meta-parameters of ``cfg.algorithm``: the model's, and Meta-SGD's learned step sizes in a
+    :class:`~metatut.MetaParams` (flat keys ``inner_lr:<name>``, after the model's, as in its checkpoints)."""
+    params = init_params(model)
+    if cfg.algorithm == "metasgd":
+        return fn.MetaParams(params).with_learned_lrs(init=cfg.inner_lr)
+    return params
+
+
+def _objective(cfg: TrainConfig, model, loss_fn: Callable) -> Callable:
+    """The meta-objective of ``cfg.algorithm``."""
     options = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, loss_fn=loss_fn)
     if cfg.algorithm in MAML_FAMILY:
         # each task's graph is freed as soon as it is differentiated: memory of one task, not of the meta-batch
@@ -163,7 +172,6 @@ def _objective(cfg: TrainConfig, model, params: dict, loss_fn: Callable) -> Call
     elif cfg.algorithm == "anil":
         objective = fn.maml_objective(model, adapt_names=fn.final_layer_names(model), **options)
     elif cfg.algorithm == "metasgd":
-        params.update(fn.learned_inner_lrs(params, init=cfg.inner_lr))
         objective = fn.maml_objective(model, **{**options, "inner_lr": "learned"})
     elif cfg.algorithm == "reptile":
         objective = fn.reptile_objective(model, **options)
@@ -190,8 +198,8 @@ def build(cfg: TrainConfig, device: torch.device, model, load_split: Callable = 
     """
     model = model.to(device)
     loss_fn, sample, held_out = _tasks(cfg, device, load_split)
-    params = init_params(model)
-    objective = _objective(cfg, model, params, loss_fn)
+    params = _meta_params(cfg, model)
+    objective = _objective(cfg, model, loss_fn)
     return Parts(model, params, objective, loss_fn, sample, held_out)
 
 

@@ -184,6 +184,29 @@ def _nonfinite(tensors: dict) -> list[str]:
             and not bool(torch.isfinite(v).all())]
 
 
+def _checkpoint_params(state: dict, params: dict, model: torch.nn.Module, checkpoint_path: Path) -> dict:
+    """``state`` with its parameters keyed as this run's ``params`` (same keys, same order: the optimiser's state
+    is by position). A checkpoint of an earlier metatut holds Meta-SGD's step sizes under the legacy keys
+    ``inner_lr.<name>``: they are read with the model's own names (:meth:`metatut.MetaParams.from_flat`)."""
+    from ..engine.conventions import MetaParams
+
+    saved = state["params"]
+    if list(saved) != list(params):
+        try:
+            migrated = MetaParams.from_flat(saved, model=model)
+        except ValueError:
+            migrated = saved
+        saved = migrated if list(migrated) == list(params) else saved
+    if list(saved) != list(params):
+        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ConfigError(f"the checkpoint {checkpoint_path} does not hold this run's meta-parameters "
+                          f"(missing {missing[:5]}, unexpected {unexpected[:5]}"
+                          + ("" if missing or unexpected else ", or in another order") + "): it was written for "
+                          "another model or algorithm. Resume with the settings that wrote it, or start a new run "
+                          "(--overwrite or another out_dir)")
+    return {**state, "params": saved}
+
+
 def _check_resume_state(cfg: TrainConfig, state: dict, checkpoint_path: Path) -> None:
     old = state["config"]
     current = cfg.to_dict()

@@ -27,7 +27,7 @@ from ..tasks.base import TaskBatch
 from ..train import StopTraining, meta_train
 from .build import Parts, build, check_speed_options, evaluate, make_model, omniglot_split, select_device
 from .config import ConfigError, EvaluationError, TrainConfig, TrainingDiverged
-from .folder import (MetricsLog, _check_folder, _check_out_dir, _check_resume_state, _nonfinite,
+from .folder import (MetricsLog, _check_folder, _check_out_dir, _check_resume_state, _checkpoint_params, _nonfinite,
                      _remove_previous_run, _take_lock, diverged)
 
 __all__ = ["Run"]
@@ -144,6 +144,7 @@ class Run:
         except Exception as e:  # CheckpointError and whatever torch.load raises for a damaged file
             raise ConfigError(f"cannot resume from {self.checkpoint_path}: {e}") from None
         _check_resume_state(self.cfg, state, self.checkpoint_path)
+        state = _checkpoint_params(state, self.params, self.parts.model, self.checkpoint_path)
         return state
 
     def _restore(self, state: dict) -> None:
