@@ -98,3 +98,5 @@ def test_readme_example_runs_from_an_installed_wheel_outside_the_checkout(wheel,
     if sys.platform.startswith("linux"):
         assert data == tmp_path / ".cache" / "metatut", data
     assert re.search(r"after 1 steps: [\d.]+ ± [\d.]+ \(n=600\)", done.stdout)
+    assert re.search(r"inner Adam, after 3 steps: [\d.]+ ± [\d.]+", done.stdout)  # every README example ran
+    assert "MetaParams(" in done.stdout
