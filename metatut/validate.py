@@ -12,6 +12,7 @@ that fit the loss function).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,54 @@ def batch_tensors(batch) -> dict[str, Tensor]:
     return {f"batch.{n}": getattr(batch, n) for n in ("support_x", "support_y", "query_x", "query_y")}
 
 
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def module_names(model: nn.Module) -> tuple[tuple[str, ...], frozenset[str]]:
+    """``(parameter names in order, parameter and buffer names)`` of ``model``, cached per model and recomputed
+    when its tree of submodules, parameters or buffers changes (a fingerprint of one cheap walk), so that the
+    checks of every call do not walk the model many times.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2))
+        >>> module_names(model)[0]
+        ('0.weight', '0.bias', '1.weight', '1.bias')
+        >>> sorted(module_names(model)[1])[:3]
+        ['0.bias', '0.weight', '1.bias']
+    """
+    return structure_cached(model, "names", _names)
+
+
+def _names(model: nn.Module) -> tuple[tuple[str, ...], frozenset[str]]:
+    parameters = tuple(n for n, _ in model.named_parameters())
+    return parameters, frozenset(parameters) | {n for n, _ in model.named_buffers()}
+
+
+def structure_cached(model: nn.Module, what, compute):
+    """``compute(model)``, cached per model under ``what`` (any hashable key) for as long as the model's tree of submodules, parameter
+    slots and buffer slots is unchanged (one cheap walk compares a fingerprint): for facts that depend on the
+    model's structure only, such as its parameter names or the vmap policy's static verdict.
+
+    Example::
+
+        >>> model = nn.Linear(2, 1)
+        >>> structure_cached(model, "demo", lambda m: len(list(m.parameters())))
+        2
+    """
+    fingerprint = tuple((id(m), type(m), tuple(m._parameters), tuple(m._buffers)) for m in model.modules())
+    entry = _NAMES.get(model)
+    if entry is None or entry[0] != fingerprint:
+        entry = (fingerprint, {})
+        try:
+            _NAMES[model] = entry
+        except TypeError:  # a model that cannot be weakly referenced is simply not cached
+            pass
+    if what not in entry[1]:
+        entry[1][what] = compute(model)
+    return entry[1][what]
+
+
 def check_model_params(model: nn.Module, params) -> None:
     """Every key of ``params`` names one of the model's parameters or buffers (directly or as a per-step copy
     ``per_step.<k>.<name>``; learned step sizes ``inner_lr.*`` are checked where they are used), and every
@@ -232,8 +281,9 @@ def check_model_params(model: nn.Module, params) -> None:
     """
     from .engine.conventions import classify_key
 
-    model_names = [n for n, _ in model.named_parameters()]
-    known = set(model_names) | {n for n, _ in model.named_buffers()}
+    model_names, known = module_names(model)
+    if known.issuperset(params) and all(n in params for n in model_names):  # the common case, one set test
+        return
     present, unknown = set(), []
     for key in params:
         kind, _, name = classify_key(key, known)  # the model's own names first: a submodule may be 'per_step'
@@ -245,7 +295,7 @@ def check_model_params(model: nn.Module, params) -> None:
             unknown.append(key)
     if unknown:
         raise ValueError(f"params has keys the model does not have: {unknown}; the model's parameters are "
-                         f"{model_names} (besides them params may hold buffers, learned step sizes 'inner_lr.*' and "
+                         f"{list(model_names)} (besides them params may hold buffers, learned step sizes 'inner_lr.*' and "
                          "per-step copies 'per_step.<k>.<name>'); check the spelling")
     missing = [n for n in model_names if n not in present]
     if missing:

@@ -286,3 +286,19 @@ def test_option_objects_equal_the_keywords_and_are_validated_once():
     at_step = objective.options_at(0)["options"]
     assert at_step.first_order and at_step.step_weights.shape == (2,)
     assert objective(params, batch, step=0).shape == ()
+
+
+def test_cached_structure_facts_follow_a_model_that_changes():
+    """The policy's verdict and the parameter names are cached per model (so that each call does not walk the model
+    many times), and recomputed as soon as the model's submodules, parameters or buffers change."""
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    batch = mt.SinusoidTasks().sample(2, 3, generator=mt.make_generator(0))
+    assert mt.prefers_vmap(model)
+    model[1] = nn.Dropout(0.1)                       # a known-unsafe layer replaces the activation
+    assert not mt.prefers_vmap(model)
+    with pytest.raises(mt.VectorizeError, match="Dropout"):
+        mt.maml_loss(model, mt.init_params(model), batch, inner_lr=0.1, vectorize=True)
+    params = mt.init_params(model)
+    model.append(nn.Linear(1, 1))                    # a new parameterised layer: params now lack its tensors
+    with pytest.raises(ValueError, match=r"missing the model's parameters \['3.weight', '3.bias'\]"):
+        mt.maml_loss(model, params, batch, inner_lr=0.1)

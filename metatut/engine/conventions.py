@@ -141,7 +141,9 @@ def model_names(model: nn.Module) -> set[str]:
         >>> sorted(model_names(nn.BatchNorm1d(2)))
         ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
     """
-    return {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    from ..validate import module_names
+
+    return set(module_names(model)[1])
 
 
 def _check_separator(names: Iterable[str], what: str) -> None:
@@ -152,11 +154,17 @@ def _check_separator(names: Iterable[str], what: str) -> None:
                          f"or parameters so that their names have no {SEPARATOR!r}")
 
 
+#: Every key that is not a model tensor starts with one of these (structured or legacy form).
+_SPECIAL_PREFIXES = (_LR_KEY, _PER_STEP_KEY, LEARNED_LR_PREFIX, PER_STEP_PREFIX)
+
+
 def _split(params: Mapping, model: nn.Module | None):
     """``[(key, kind, step, name, value)]`` for every entry of ``params``, read with the model's names when given
     (:func:`classify_key`); without them, a :class:`MetaParams`' keys other than its ``':'`` keys are its model
     parameters (whatever they look like), and a plain dict's legacy keys are read as :func:`classify_key` says."""
     keys = params.keys()
+    if not any(k.startswith(_SPECIAL_PREFIXES) for k in keys):  # the common case: only the model's own tensors
+        return [(k, _MODEL, None, k, v) for k, v in params.items()]
     if model is None:
         if isinstance(params, MetaParams):
             return [(k, *(_structured(k) or (_MODEL, None, k)), v) for k, v in params.items()]

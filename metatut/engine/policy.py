@@ -209,12 +209,24 @@ def can_vectorize(model: nn.Module) -> bool:
         >>> can_vectorize(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))
         False
     """
-    kind = judge(model).kind
+    kind = _judged(model).kind
     return kind == "safe" or (kind == "check" and _RUNTIME.get(model, (False, ""))[0])
 
 
 def _convolutional(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    from ..validate import structure_cached
+
+    return structure_cached(model, "convolutional",
+                            lambda m: any(isinstance(x, nn.modules.conv._ConvNd) for x in m.modules()))
+
+
+def _judged(model: nn.Module) -> VmapVerdict:
+    """:func:`judge`, cached while the model's structure is unchanged (``validate.structure_cached``)."""
+    from ..validate import structure_cached
+
+    # the verdict also depends on the lists of verified and unsafe layers (which a user may extend): part of the key
+    rules = (VMAP_VERIFIED_LAYERS, VMAP_UNSAFE_LAYERS, frozenset(_REGISTERED))
+    return structure_cached(model, ("vmap verdict", rules), judge)
 
 
 def prefers_vmap(model: nn.Module) -> bool:
@@ -312,7 +324,7 @@ def use_vmap(model: nn.Module, vectorize, *, per_step: bool = False, checkpoint_
     """
     vectorize = check_vectorize(vectorize)
     if vectorize == "auto":
-        return not per_step and not checkpoint_steps and _auto(model, judge(model), probe)
+        return not per_step and not checkpoint_steps and _auto(model, _judged(model), probe)
     if not vectorize:
         return False
     if checkpoint_steps:
@@ -322,7 +334,7 @@ def use_vmap(model: nn.Module, vectorize, *, per_step: bool = False, checkpoint_
         raise VectorizeError("vectorize=True cannot run per-step parameters (per_step.<k>.<name>) or per-step buffers "
                              "(buffers=): MAML++'s per-step batch norm runs the per-task loop only; use vectorize=False "
                              "or 'auto'")
-    verdict = judge(model)
+    verdict = _judged(model)
     if verdict.kind == "unsafe":
         raise _refuse(verdict.layers)
     if verdict.kind == "check":
