@@ -22,7 +22,7 @@ from .evaluate import (
 )
 from . import accel, data, engine, functional, validate
 from . import timing
-from .conv import Conv4, conv4
+from .conv import Conv4, TaskBatchNorm2d, conv4
 from .engine import (
     InnerOptimizer,
     inner_adam,
@@ -83,7 +83,7 @@ __all__ = [
     "meta_train", "adapted_accuracy", "adapted_predictor", "held_out_episodes", "evaluate_adaptation", "summarize", "save_checkpoint", "load_checkpoint",
     "pick_device", "make_generator", "pick", "profile", "data_dir", "progress",
     "MAMLObjective", "msl_weights", "reptile_loss", "reptile_objective", "learned_inner_lrs", "MetaParams", "split_learned_lrs",
-    "accel", "timing", "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "conv4", "EpisodeSampler", "sample_episodes",
+    "accel", "timing", "final_layer_names", "per_step_params", "per_step_buffers", "batch_norm_names", "data", "Conv4", "TaskBatchNorm2d", "conv4", "EpisodeSampler", "sample_episodes",
     "prototypes", "protonet_logits", "protonet_loss", "protonet_objective", "protonet_accuracy",
     "protonet_predictor", "accuracy", "embed_episodes", "VectorizeError", "NonFiniteLossError", "CheckpointError",
     "MetaOptions", "ExecutionOptions", "VectorizeWarning", "register_vmap_verified", "engine", "functional", "validate",

@@ -241,6 +241,7 @@ def _names(model: nn.Module) -> tuple[tuple[str, ...], frozenset[str]]:
     return parameters, frozenset(parameters) | {n for n, _ in model.named_buffers()}
 
 
+@torch.compiler.disable  # a per-process cache: torch.compile must run it, not trace it (or guard on its contents)
 def structure_cached(model: nn.Module, what, compute):
     """``compute(model)``, cached per model under ``what`` (any hashable key) for as long as the model's tree of submodules, parameter
     slots and buffer slots is unchanged (one cheap walk compares a fingerprint): for facts that depend on the

@@ -58,7 +58,13 @@ def test_conv4_with_batch_norm_runs_the_loop_which_matches_batch_norm_written_by
     (so the hand-written version is a trustworthy second-order reference), and the loop with PyTorch's batch
     norm agrees with it. (PyTorch's batch norm under vmap does not, in second order: it is not verified.)"""
     model = mt.conv4(3, hidden=4, seed=0).double()
-    assert not mt.can_vectorize(model)
+    # conv4's batch_norm='batch' is TaskBatchNorm2d, verified under vmap (its batched path is batch norm by hand,
+    # tests/test_batched_conv.py); PyTorch's own nn.BatchNorm2d stays unverified:
+    assert mt.can_vectorize(model)
+    native = mt.conv4(3, hidden=4, seed=0)
+    for block in native.features:
+        block[1] = torch.nn.BatchNorm2d(4, track_running_stats=False)
+    assert not mt.can_vectorize(native)
     params = mt.init_params(model)
     batch = _episodes(tasks=2, dtype=torch.float64)
     batch = mt.TaskBatch(torch.rand(batch.support_x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),

@@ -26,7 +26,7 @@ from .conventions import (
     per_step_params,
     split_learned_lrs,
 )
-from .execution import accumulated_meta_loss
+from .execution import accumulated_meta_loss, batched_tasks, tasks_batched
 from .inner_loop import ClosureLoss, LossFn, Task, adapt, closure_losses, inner_step
 from .inner_optimizers import (
     Adam,
@@ -73,6 +73,7 @@ __all__ = [
     "VectorizeWarning", "can_vectorize", "prefers_vmap", "judge", "register_vmap_verified", "forget_verdict",
     "MetaParams", "LEARNED_LR_PREFIX", "PER_STEP_PREFIX", "learned_inner_lrs", "split_learned_lrs", "final_layer_names",
     "batch_norm_names", "per_step_params", "per_step_buffers", "inner_step", "adapt", "accumulated_meta_loss",
+    "batched_tasks", "tasks_batched",
     "task_loss", "per_task_losses", "summed_task_loss", "maml_loss", "compute_maml_loss", "MAMLObjective", "maml_objective",
     "msl_weights", "meta_gradient", "summed_loss_objective", "reptile_loss", "reptile_objective",
     "ClosureLoss", "Task", "closure_losses", "InnerOptimizer", "SGD", "SGDMomentum", "Adam", "TorchOptAdapter", "sgd",

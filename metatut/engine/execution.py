@@ -10,8 +10,10 @@ What to compute for one task comes in as a function; :class:`~metatut.engine.opt
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -23,11 +25,51 @@ from ..models import Params
 from ..validate import check_positive_int, check_reduction
 from .options import ExecutionOptions
 
-__all__ = ["TaskFn", "over_tasks", "run_meta_loss", "accumulated_meta_loss", "checkpointed", "reduce", "num_tasks",
+__all__ = ["TaskFn", "batched_tasks", "tasks_batched", "over_tasks", "run_meta_loss", "accumulated_meta_loss", "checkpointed", "reduce", "num_tasks",
            "task_slice"]
 
 #: ``task_fn(model, params, support_x, support_y, query_x, query_y, functional)`` -> one task's value.
 TaskFn = Callable[..., Tensor]
+
+
+_BATCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("metatut_batched_tasks", default=False)
+
+
+@contextlib.contextmanager
+def batched_tasks() -> Iterator[None]:
+    """While inside, layers that compute differently on the batched-tasks path (e.g.
+    :class:`metatut.TaskBatchNorm2d`, batch norm written in elementary operations, exact in second order under
+    ``torch.func.vmap``) take it; :func:`over_tasks` enters it for ``use_vmap=True``. Nests; restored on exit.
+
+    Example::
+
+        >>> with batched_tasks():
+        ...     print(tasks_batched())
+        True
+        >>> tasks_batched()
+        False
+    """
+    token = _BATCHED.set(True)
+    try:
+        yield
+    finally:
+        _BATCHED.reset(token)
+
+
+def tasks_batched(x: Tensor | None = None) -> bool:
+    """True on the batched-tasks path: inside :func:`batched_tasks` (the engine's vmap over tasks), or when
+    ``x`` is a tensor wrapped by a ``torch.func`` transform (a user's own ``vmap``/``grad``).
+
+    Example::
+
+        >>> tasks_batched(torch.zeros(2))
+        False
+        >>> torch.func.vmap(lambda t: torch.tensor(tasks_batched(t)))(torch.zeros(3))
+        tensor([True, True, True])
+    """
+    if _BATCHED.get():
+        return True
+    return x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def reduce(losses: Tensor, reduction: str) -> Tensor:
@@ -70,7 +112,8 @@ def over_tasks(model: nn.Module, task_fn: TaskFn, params, tensors: tuple, *, use
     a dict; ``task_fn`` then gets one task's slice of each); returns ``[tasks, ...]``.
 
     ``use_vmap=True`` runs ``torch.func.vmap`` over the leading dimension (``chunk_size`` tasks at a time,
-    ``functional=True``); ``False`` the per-task loop (``functional=False``).
+    ``functional=True``) inside :func:`batched_tasks` (the batched path: e.g. conv4's batch norm is then
+    computed in elementary operations, exact in second order); ``False`` the per-task loop (``functional=False``).
 
     Example::
 
@@ -84,8 +127,9 @@ def over_tasks(model: nn.Module, task_fn: TaskFn, params, tensors: tuple, *, use
         True
     """
     if use_vmap:
-        return vmap(lambda p, *t: task_fn(model, p, *t, functional=True), in_dims=(None, *[0] * len(tensors)),
-                    chunk_size=chunk_size)(params, *tensors)
+        with batched_tasks():
+            return vmap(lambda p, *t: task_fn(model, p, *t, functional=True), in_dims=(None, *[0] * len(tensors)),
+                        chunk_size=chunk_size)(params, *tensors)
     return torch.stack([task_fn(model, params, *(task_slice(t, i) for t in tensors), functional=False)
                         for i in range(num_tasks(tensors[0]))])
 

@@ -181,12 +181,15 @@ def maml_loss(model: nn.Module, params: Params, batch, *, inner_lr=None, inner_s
     * per-step parameters ``per_step.<k>.<name>`` in ``params`` (:func:`per_step_params`) replace
       ``name`` while the model is evaluated at inner step ``k``, and ``buffers={k: {name: tensor}}``
       (:func:`per_step_buffers`) gives each step its own batch-norm running statistics (MAML++'s per-step
-      batch norm; per-task loop only).
+      batch norm; per-step parameters also run batched with :class:`metatut.TaskBatchNorm2d`, per-step running
+      statistics on the per-task loop only).
 
     How to run it (:class:`~metatut.engine.options.ExecutionOptions`, or pass one as ``execution=``):
-    ``vectorize``: ``'auto'`` (:func:`prefers_vmap`), ``True`` (vmap over tasks; :class:`VectorizeError` where
-    that path is not verified: batch norm, per-step parameters or buffers, ``checkpoint_steps``) or ``False``
-    (the per-task loop, the reference). ``vmap_chunk_size=c`` runs the vmap path ``c`` tasks at a time, bounding memory.
+    ``vectorize``: ``'auto'`` (:func:`prefers_vmap`: vmap for verified models, and for convolutional ones only on a
+    device where the batched path is faster, e.g. CUDA), ``True`` (vmap over tasks; :class:`VectorizeError` where that
+    path is not verified: PyTorch's own batch norm or running statistics, per-step buffers, ``checkpoint_steps``; conv4's
+    :class:`metatut.TaskBatchNorm2d` in batch-statistics mode is exact there) or ``False`` (the per-task loop, the
+    reference). ``vmap_chunk_size=c`` runs the vmap path ``c`` tasks at a time, bounding memory.
     ``checkpoint_steps``: recompute each inner step in the backward pass instead of storing it
     (gradient checkpointing: less memory, more time; per-task loop only; refused while batch norm
     updates running statistics, which the recomputation would update twice: use ``model.eval()``).

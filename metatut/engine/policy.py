@@ -5,8 +5,9 @@ same numbers only where every operation of the model batches correctly in second
 its modules (:func:`judge`):
 
 * a module of a **verified** type (:data:`VMAP_VERIFIED_LAYERS`, a class registered with
-  :func:`register_vmap_verified`, or a class with the attribute ``vmap_safe = True``) is safe: its vmap path is
-  checked against the loop by the test-suite (float64, both orders);
+  :func:`register_vmap_verified`, or a module whose ``vmap_safe`` attribute is True: a class attribute, or a
+  property deciding per instance, as :class:`metatut.TaskBatchNorm2d` does: True with batch statistics) is safe:
+  its vmap path is checked against the loop by the test-suite (float64, both orders);
 * a **known-unsafe** module makes the model run the loop: batch norm and instance norm (under vmap PyTorch's
   batch norm gives a second-order meta-gradient ~1e-2 off the loop's, even in float64; running statistics are
   updated in the forward pass), dropout (random), or a class with ``vmap_safe = False``;
@@ -19,8 +20,9 @@ its modules (:func:`judge`):
   fails runs the loop, with one :class:`VectorizeWarning` saying why; ``vectorize=True`` raises
   :class:`VectorizeError` instead.
 
-``vectorize='auto'`` also keeps the loop for convolutional models (:func:`prefers_vmap`), per-step parameters or
-buffers and ``checkpoint_steps``.
+``vectorize='auto'`` also keeps the loop for convolutional models on a CPU (batched on CUDA, and on MPS where it
+differentiates twice: :func:`prefers_vmap`), per-step parameters (batched only with a vmap-safe batch norm such
+as :class:`metatut.TaskBatchNorm2d` and no buffers), per-step buffers and ``checkpoint_steps``.
 
 The policy reads :data:`VMAP_VERIFIED_LAYERS` here, in :mod:`metatut.engine.policy` (``metatut.functional`` only
 re-exports it); to add a layer, prefer :func:`register_vmap_verified` or the class attribute to patching the tuple.
@@ -34,6 +36,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..validate import check_vectorize
@@ -45,7 +48,8 @@ __all__ = ["VMAP_VERIFIED_LAYERS", "VMAP_UNSAFE_LAYERS", "VectorizeError", "Vect
 #: Layer types whose vmap-over-tasks path the tests check against the per-task loop (float64, both orders).
 #: Batch norm is not among them: under ``vmap`` PyTorch's batch norm gives a second-order meta-gradient that
 #: differs from the loop's by ~1e-2 relative even in float64, while the loop agrees with batch norm written
-#: out in elementary operations (``tests/test_accel.py``); so conv4 with batch norm runs the loop.
+#: out in elementary operations (``tests/test_accel.py``). :class:`metatut.TaskBatchNorm2d` (conv4's
+#: ``batch_norm='batch'``) is that elementary version on the batched path: it declares ``vmap_safe`` itself.
 VMAP_VERIFIED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Sequential, nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Identity, nn.Flatten,
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d,
@@ -156,11 +160,11 @@ def register_vmap_verified(cls: type[nn.Module]) -> type[nn.Module]:
 
 def _verified(module: nn.Module) -> bool:
     cls = type(module)
-    return cls in VMAP_VERIFIED_LAYERS or cls in _REGISTERED or getattr(cls, "vmap_safe", None) is True
+    return cls in VMAP_VERIFIED_LAYERS or cls in _REGISTERED or getattr(module, "vmap_safe", None) is True
 
 
 def _unsafe(module: nn.Module) -> bool:
-    return isinstance(module, VMAP_UNSAFE_LAYERS) or getattr(type(module), "vmap_safe", None) is False
+    return isinstance(module, VMAP_UNSAFE_LAYERS) or getattr(module, "vmap_safe", None) is False
 
 
 def _owns_state(module: nn.Module) -> bool:
@@ -224,26 +228,57 @@ def _judged(model: nn.Module) -> VmapVerdict:
     """:func:`judge`, cached while the model's structure is unchanged (``validate.structure_cached``)."""
     from ..validate import structure_cached
 
-    # the verdict also depends on the lists of verified and unsafe layers (which a user may extend): part of the key
-    rules = (VMAP_VERIFIED_LAYERS, VMAP_UNSAFE_LAYERS, frozenset(_REGISTERED))
+    # the verdict also depends on the lists of verified and unsafe layers (which a user may extend), and on the
+    # per-instance vmap_safe of the modules that decide it themselves (TaskBatchNorm2d): part of the key
+    rules = (VMAP_VERIFIED_LAYERS, VMAP_UNSAFE_LAYERS, frozenset(_REGISTERED),
+             tuple(m.vmap_safe for m in model.modules() if isinstance(getattr(type(m), "vmap_safe", None), property)))
     return structure_cached(model, ("vmap verdict", rules), judge)
 
 
-def prefers_vmap(model: nn.Module) -> bool:
-    """What ``vectorize='auto'`` picks once a model is judged: vmap for vmap-safe models without convolutions.
+def _device_of(model: nn.Module, device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _batches_convolutions(device: torch.device) -> bool:
+    """Whether convolutional models run faster batched over tasks on ``device``: on CUDA (one big grouped
+    convolution keeps the GPU busy), on MPS where second derivatives work there, not on a CPU (measured slower)."""
+    if device.type == "cuda":
+        return True
+    if device.type == "mps":
+        from ..accel import supports_double_backward
+
+        return supports_double_backward(device) is True
+    return False
+
+
+def prefers_vmap(model: nn.Module, device=None) -> bool:
+    """What ``vectorize='auto'`` picks once a model is judged: vmap (the batched-tasks path) for vmap-safe models,
+    except convolutional ones on a CPU. ``device``: where it runs (default: the device of the model's parameters).
 
     For convolutional models vmap turns each convolution into a grouped convolution over tasks, which
     measured 3-4x slower than the per-task loop on a CPU (``bench/RESULTS.md``), so ``'auto'`` keeps the
-    loop for them; ``vectorize=True`` still takes the (verified) vmap path.
+    loop for them there; on CUDA (and on MPS where it can differentiate twice) it takes the batched path,
+    which fills the GPU with one kernel per layer for all tasks; ``vectorize=True`` takes it everywhere.
 
     Example::
 
         >>> prefers_vmap(nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)))
         True
-        >>> prefers_vmap(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
-        False
+        >>> conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+        >>> prefers_vmap(conv), prefers_vmap(conv, device="cpu"), prefers_vmap(conv, device="cuda")
+        (False, False, True)
     """
-    return can_vectorize(model) and not _convolutional(model)
+    return can_vectorize(model) and (not _convolutional(model) or _batches_convolutions(_device_of(model, device)))
+
+
+def _per_step_batched(model: nn.Module) -> bool:
+    """Per-step parameters (MAML++) may run batched: the model has a batch norm verified under vmap (batch
+    statistics: :class:`metatut.TaskBatchNorm2d`) and no buffers (so no per-step running statistics)."""
+    return not any(True for _ in model.buffers()) and any(
+        isinstance(m, nn.modules.batchnorm._NormBase) and getattr(m, "vmap_safe", None) is True for m in model.modules())
 
 
 def forget_verdict(model: nn.Module) -> None:
@@ -290,8 +325,12 @@ def _caller_level() -> int:
 
 
 def _auto(model: nn.Module, verdict: VmapVerdict, probe: Probe | None) -> bool:
-    if verdict.kind == "unsafe" or _convolutional(model):
+    if verdict.kind == "unsafe":
         return False
+    if _convolutional(model):
+        data = probe.support_x if probe is not None and isinstance(probe.support_x, Tensor) else None
+        if not _batches_convolutions(_device_of(model, data.device if data is not None else None)):
+            return False
     if verdict.kind == "safe":
         return True
     cached = model in _RUNTIME
@@ -311,7 +350,10 @@ def use_vmap(model: nn.Module, vectorize, *, per_step: bool = False, checkpoint_
              probe: Probe | None = None) -> bool:
     """Whether to take the vmap path. ``vectorize=True`` takes it or raises :class:`VectorizeError`: never a
     silent fall-back to the loop, never vmap where it is not verified to give the loop's numbers. ``probe``:
-    the data for the runtime check of a model that cannot be judged statically.
+    the data for the runtime check of a model that cannot be judged statically (its device also decides
+    ``'auto'`` for convolutional models: :func:`prefers_vmap`). ``per_step``: per-step parameters or buffers
+    are used; they run batched only with a vmap-safe batch norm and no buffers (MAML++'s per-step batch norm
+    with :class:`metatut.TaskBatchNorm2d`), else the loop.
 
     Example::
 
@@ -324,15 +366,17 @@ def use_vmap(model: nn.Module, vectorize, *, per_step: bool = False, checkpoint_
     """
     vectorize = check_vectorize(vectorize)
     if vectorize == "auto":
-        return not per_step and not checkpoint_steps and _auto(model, _judged(model), probe)
+        return (not checkpoint_steps and (not per_step or _per_step_batched(model))
+                and _auto(model, _judged(model), probe))
     if not vectorize:
         return False
     if checkpoint_steps:
         raise VectorizeError("checkpoint_steps=True runs the per-task loop; it cannot be combined with vectorize=True: "
                              "use vectorize=False or 'auto'")
-    if per_step:
+    if per_step and not _per_step_batched(model):
         raise VectorizeError("vectorize=True cannot run per-step parameters (per_step.<k>.<name>) or per-step buffers "
-                             "(buffers=): MAML++'s per-step batch norm runs the per-task loop only; use vectorize=False "
+                             "(buffers=) for this model: they run the per-task loop, except per-step parameters with batch-statistics "
+                             "TaskBatchNorm2d (conv4's batch_norm='batch') and no buffers; use vectorize=False "
                              "or 'auto'")
     verdict = _judged(model)
     if verdict.kind == "unsafe":

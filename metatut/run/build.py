@@ -22,7 +22,7 @@ from ..models import init_params, mlp
 from ..tasks.regression import SinusoidTasks
 from .config import FIRST_ORDER, MAML_FAMILY, SECOND_ORDER, ConfigError, TrainConfig, check_classes
 
-__all__ = ["Parts", "select_device", "make_model", "check_speed_options", "build", "evaluate", "omniglot_split",
+__all__ = ["Parts", "select_device", "make_model", "check_speed_options", "execution_path", "build", "evaluate", "omniglot_split",
            "check_split"]
 
 #: The seed of the evaluation's task stream (its tasks differ from every training stream's).
@@ -81,15 +81,34 @@ def _no_objective(*args, **kwargs):  # pragma: no cover - never called
     raise AssertionError
 
 
-def check_speed_options(cfg: TrainConfig, model) -> None:
-    """``compile`` and ``task_workers`` against the model, before any data is loaded.
+def execution_path(cfg: TrainConfig, model, device=None) -> str:
+    """How the run computes its meta-batch on ``device``: ``'batched'`` (all tasks at once under vmap, the
+    engine's ``vectorize='auto'`` choice, :func:`metatut.prefers_vmap`) or ``'loop'`` (one task at a time).
+    Recorded in the run's ``config.json`` as ``execution_path`` (derived, not a setting).
+
+    Example::
+
+        >>> execution_path(TrainConfig(), make_model(TrainConfig()))             # the sinusoid MLP
+        'batched'
+        >>> omniglot = TrainConfig(task="omniglot", width=8)
+        >>> execution_path(omniglot, make_model(omniglot), "cpu"), execution_path(omniglot, make_model(omniglot), "cuda")
+        ('loop', 'batched')
+    """
+    if cfg.algorithm not in MAML_FAMILY:
+        return "loop"
+    return "batched" if fn.prefers_vmap(model, device=device) else "loop"
+
+
+def check_speed_options(cfg: TrainConfig, model, device=None) -> None:
+    """``compile`` and ``task_workers`` against the model (on ``device``, default the model's), before any data
+    is loaded.
 
     Example::
 
         >>> cfg = TrainConfig(task_workers=2)
         >>> check_speed_options(cfg, make_model(cfg))      # an MLP has no buffers: fine
     """
-    if cfg.compile and not fn.prefers_vmap(model) and cfg.algorithm not in FIRST_ORDER:
+    if cfg.compile and not fn.prefers_vmap(model, device=device) and cfg.algorithm not in FIRST_ORDER:
         try:  # raises before compiling anything for this combination; its message names the reason
             compile_objective(_no_objective, enabled=True, vectorized=False, first_order=False)
             reason = "compile=True needs the vmap path or first-order MAML"

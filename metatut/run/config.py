@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "EvaluationError", "load_config", "default_width",
-           "TASKS", "ALGORITHMS", "SECOND_ORDER", "FIRST_ORDER", "RESUMABLE_CHANGES", "DEFAULT_WIDTH"]
+           "TASKS", "ALGORITHMS", "SECOND_ORDER", "FIRST_ORDER", "RESUMABLE_CHANGES", "DEFAULT_WIDTH",
+           "DERIVED_KEYS"]
 
 TASKS = ("sinusoid", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
@@ -41,6 +42,9 @@ OMNIGLOT_SPLIT_CLASSES = {"full": {"train": 4400, "validation": 100, "test": 423
 IMAGES_PER_CLASS = 20
 #: Keys of a configuration file that start with this are comments (JSON has none): they are ignored.
 COMMENT_PREFIX = "//"
+#: Keys a run adds to its ``config.json`` that are derived, not settings (e.g. ``execution_path``, the vmap-or-loop
+#: choice on the run's device): a configuration file may hold them (a run's config.json), they are ignored.
+DERIVED_KEYS = ("execution_path",)
 
 
 class ConfigError(ValueError):
@@ -275,7 +279,7 @@ def _read_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a JSON object")
-    return {k: v for k, v in values.items() if not k.startswith(COMMENT_PREFIX)}
+    return {k: v for k, v in values.items() if not k.startswith(COMMENT_PREFIX) and k not in DERIVED_KEYS}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -25,7 +25,16 @@ from ..distributed import DistributedContext, init_distributed, stream_seed
 from ..fileio import FileLock, atomic_write_text, remove_stale_temporaries
 from ..tasks.base import TaskBatch
 from ..train import StopTraining, meta_train
-from .build import Parts, build, check_speed_options, evaluate, make_model, omniglot_split, select_device
+from .build import (
+    Parts,
+    build,
+    check_speed_options,
+    evaluate,
+    execution_path,
+    make_model,
+    omniglot_split,
+    select_device,
+)
 from .config import ConfigError, EvaluationError, TrainConfig, TrainingDiverged
 from .folder import (MetricsLog, _check_folder, _check_out_dir, _check_resume_state, _checkpoint_params, _nonfinite,
                      _remove_previous_run, _take_lock, diverged)
@@ -110,7 +119,7 @@ class Run:
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.seed)
         model = make_model(cfg)
-        check_speed_options(cfg, model)
+        check_speed_options(cfg, model, self.device)
         self.parts: Parts = build(cfg, self.device, model, self.load_split)
         self.params = self.parts.params
         self.optimizer = torch.optim.Adam(self.params.values(), lr=cfg.meta_lr)
@@ -166,7 +175,9 @@ class Run:
         if self.overwrite:
             _remove_previous_run(self.out_dir)
         remove_stale_temporaries(self.out_dir)
-        atomic_write_text(self.out_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        # execution_path: derived from the settings and the device (not a setting: resume compares the checkpoint's)
+        recorded = {**self.cfg.to_dict(), "execution_path": execution_path(self.cfg, self.parts.model, self.device)}
+        atomic_write_text(self.out_dir / "config.json", json.dumps(recorded, indent=2) + "\n")
         self.log = MetricsLog(self.out_dir, rows)
 
     def _catch_sigint(self) -> None:
