@@ -396,6 +396,12 @@ class Prepared:
     probe: Probe | None
 
 
+def _user_stacklevel() -> int:
+    from .policy import _caller_level  # one helper for every warning that names the user's line
+
+    return _caller_level() - 1  # counted from this helper, one frame below the warning's caller
+
+
 def _warn_unused_learned_rates(params: MetaParams, optimizer) -> None:
     """Learned step sizes that the inner optimiser does not read get a zero meta-gradient: say so when they are being
     trained (``requires_grad``), since that is almost always a forgotten ``inner_lr='learned'``."""
@@ -406,19 +412,7 @@ def _warn_unused_learned_rates(params: MetaParams, optimizer) -> None:
     if trained:
         warnings.warn(f"params hold learned inner step sizes (for {sorted(set(trained))[:4]}...) that the inner "
                       f"optimiser {optimizer!r} does not read: their meta-gradient is zero. Pass inner_lr='learned' "
-                      "(Meta-SGD, MAML++) to use them, or leave them out of params", stacklevel=_caller_stacklevel())
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that attributes a warning to the first frame outside the metatut package."""
-    import os
-    import sys
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
+                      "(Meta-SGD, MAML++) to use them, or leave them out of params", stacklevel=_user_stacklevel())
 
 
 def prepare(model: nn.Module, params: Params, tasks, *, inner_lr=None, inner_optimizer=None, inner_loss=None,

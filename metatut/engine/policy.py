@@ -310,8 +310,9 @@ def _runtime_verdict(model: nn.Module, probe: Probe | None) -> tuple[bool, str] 
 def _refuse(layers: list[str], why: str = "") -> VectorizeError:
     reason = f"; checked against the loop at run time, {why}" if why else ""
     return VectorizeError(f"vectorize=True cannot run this model: its layers {layers} are not among those whose "
-                          "vmap path is verified against the per-task loop (metatut.functional.VMAP_VERIFIED_LAYERS; "
-                          "under torch.func.vmap batch norm gives a wrong second-order meta-gradient)"
+                          "vmap path is verified against the per-task loop (metatut.engine.policy.VMAP_VERIFIED_LAYERS; "
+                          "under torch.func.vmap PyTorch's batch norm gives a wrong second-order meta-gradient, "
+                          "metatut.TaskBatchNorm2d does not)"
                           f"{reason}; use vectorize=False or 'auto' (which runs the loop for this model)")
 
 
