@@ -20,8 +20,9 @@ Guarantees under faults:
   ``--overwrite`` replaces it (its files are removed once the lock is held). Temporaries that a killed
   writer left in ``out_dir`` are removed when a run starts. Every file is written atomically
   (:mod:`metatut.fileio`); ``metrics.csv`` is appended to, and rewritten atomically when a resume truncates it.
-* **No NaN checkpoints.** Training stops at the first step whose loss or meta-gradient is not finite, before
-  the optimiser applies it (one host synchronisation per step checks this), and raises
+* **No NaN checkpoints.** Training stops at the first step whose loss or meta-gradient is not finite; that step
+  and any after it change nothing (a device-side flag guards each update, read only at the steps that log,
+  save or stop: no host synchronisation in between, :func:`metatut.meta_train`), and it raises
   :class:`TrainingDiverged` (exit code 3); the last checkpoint, written before, stays as it was, and
   :func:`train` refuses to save non-finite parameters at all. ``--resume`` refuses a checkpoint that holds
   non-finite parameters or optimiser state.

@@ -102,6 +102,15 @@ class DistributedContext:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def minimum(self, value: torch.Tensor) -> torch.Tensor:
+        """The elementwise minimum of ``value`` (same shape on all ranks) over the ranks (an all-reduce with MIN,
+        no host synchronisation); ``value`` itself with one process."""
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value
+
     def all_ok(self, ok: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
         """True when ``ok`` holds on every rank (an all-reduce with MIN; ``device`` is where the collective
         runs: the GPU with NCCL). With one process, just ``bool(ok)`` (a host sync for a tensor)."""

@@ -1,6 +1,7 @@
 """The meta-training loop: Adam on the meta-parameters, a progress bar, a loss history, a sanity check."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -69,9 +70,10 @@ class NonFiniteLossError(FloatingPointError):
     """:func:`meta_train` met a NaN or infinite meta-loss or meta-gradient.
 
     Attributes: ``step`` (the 0-based meta-iteration), ``what`` (``'loss'`` or ``'gradient'``) and ``losses``
-    (the loss history ``[iterations run, the bad one included]``, CPU float). When raised during training
-    (``stop_on_nonfinite=True``) the optimiser step of iteration ``step`` was not taken: the parameters and the
-    optimiser state are those after iteration ``step - 1``, all finite, and can be saved or resumed from.
+    (the loss history ``[up to the bad iteration, included]``, CPU float). When raised during training
+    (``stop_on_nonfinite=True``, at the first synchronisation point after iteration ``step``) neither iteration
+    ``step`` nor any later one changed anything: the parameters and the optimiser state are exactly those after
+    iteration ``step - 1``, all finite, and can be saved or resumed from.
 
     Example (an objective that becomes NaN at its third iteration)::
 
@@ -113,7 +115,8 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
                after_backward: Callable[[Params], None] | None = None,
                log_every: int = 100, desc: str = "meta-training",
                progress_bar: bool | None = None, check: bool = True, precision: str = "float32",
-               stop_on_nonfinite: bool = True) -> TrainResult:
+               stop_on_nonfinite: bool = True, sync_every: int | Callable[[int], bool] | None = None,
+               reduce_bad: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
     """Minimise ``objective(params, batch)`` over task batches with Adam (in place on ``params``).
 
     ``sample_tasks(generator)`` returns a fresh :class:`TaskBatch` each iteration. The loss is kept on
@@ -122,11 +125,19 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     higher than the first (a warning otherwise).
 
     ``stop_on_nonfinite=True`` (independent of ``check``) stops at the first iteration whose loss or
-    meta-gradient (after ``after_backward``) is NaN or infinite, *before* its optimiser step, and raises
-    :class:`NonFiniteLossError` (a ``FloatingPointError``) with ``.step`` and ``.what``; the parameters and the
-    optimiser state stay those of the last finite iteration. The check reads one flag per iteration from
-    the device (one host synchronisation per step; ``stop_on_nonfinite=False`` removes it, and then only
-    ``check=True`` reports non-finite losses, after the run).
+    meta-gradient (after ``after_backward``) is NaN or infinite and raises :class:`NonFiniteLossError` (a
+    ``FloatingPointError``) with ``.step`` (that first bad iteration) and ``.what``; the parameters and the
+    optimiser state (Adam's step counters included) are exactly those after the last finite iteration. The
+    check costs no host synchronisation per step: each iteration computes its finiteness flag on the device,
+    and an iteration at or after the first bad one changes nothing (its update is undone on the device).
+    The flag is read at the synchronisation points only: every ``sync_every`` steps (default: ``log_every``,
+    but every step when an ``on_step`` hook is given, so that the hook only ever sees finite iterations)
+    and at the end of the run. ``sync_every`` may also be a function ``sync_every(steps_done) -> bool``
+    called after each iteration, before ``on_step``. Between synchronisation points ``on_step`` may be
+    called for the iterations after a bad one (their updates discarded). ``reduce_bad`` (e.g. an all-reduce
+    MIN across processes) maps the local code of the first bad iteration (an int64 0-dim device tensor)
+    to the agreed one at each synchronisation point. ``stop_on_nonfinite=False`` removes the check, and
+    then only ``check=True`` reports non-finite losses, after the run.
 
     ``lr_schedule='cosine'`` anneals the meta learning rate from ``meta_lr`` to ``min_meta_lr`` over
     ``steps`` (MAML++). An objective with the attribute ``uses_step = True`` (e.g.
@@ -152,10 +163,12 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
     """
     leaves = _check_arguments(params, generator, steps=steps, log_every=log_every, start_step=start_step,
                               meta_lr=meta_lr, lr_schedule=lr_schedule, min_meta_lr=min_meta_lr, precision=precision)
+    sync_due = _sync_schedule(sync_every, 1 if on_step is not None else log_every, steps)
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(leaves, lr=meta_lr)
     schedule = (lambda step: cosine_lr(step, steps, meta_lr, min_meta_lr)) if lr_schedule == "cosine" else None
     history = torch.full((steps - start_step,), float("nan"), device=leaves[0].device)
-    run = _Run(objective, params, leaves, optimizer, history, start_step, desc, precision, stop_on_nonfinite)
+    guard = _NonFiniteGuard(leaves, optimizer, reduce_bad) if stop_on_nonfinite else None
+    run = _Run(objective, params, leaves, optimizer, history, start_step, precision, guard)
     done = start_step
     bar = progress(range(start_step, steps), total=steps, initial=start_step, desc=desc, enabled=progress_bar)
     try:
@@ -164,7 +177,9 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
                 _set_lr(optimizer, schedule(step))
             loss = run.step(step, sample_tasks(generator), after_backward)
             done = step + 1
-            if done % log_every == 0 or done == steps:
+            if guard is not None and sync_due(done):
+                guard.raise_if_bad(desc, history, start_step)  # one host synchronisation
+            if (done % log_every == 0 or done == steps) and not getattr(bar, "disable", False):
                 window = history[max(0, done - start_step - log_every): done - start_step]
                 bar.set_postfix(loss=f"{window.mean().item():.4f}")
             if on_step is not None:
@@ -174,12 +189,23 @@ def meta_train(objective: Objective, params: Params, sample_tasks: Sampler, *, s
                     break
     finally:
         bar.close()
+    if guard is not None:
+        guard.raise_if_bad(desc, history, start_step)  # the end of the run (a no-op if just synchronised)
     if schedule is not None and done == steps:
         _set_lr(optimizer, schedule(steps))
     losses = history[: done - start_step].float().cpu()
     if check and len(losses):
         _sanity_check(losses, desc, start_step)
     return TrainResult(params=params, optimizer=optimizer, losses=losses, steps=done)
+
+
+def _sync_schedule(sync_every, default: int, steps: int) -> Callable[[int], bool]:
+    """``sync_every`` (``None``, a count or a function of the steps done) as a function of the steps done."""
+    if callable(sync_every):
+        return sync_every
+    every = default if sync_every is None else sync_every
+    check_positive_int("sync_every", every)
+    return lambda done: done % every == 0 or done == steps
 
 
 def _check_arguments(params: Params, generator, *, steps, log_every, start_step, meta_lr, lr_schedule, min_meta_lr,
@@ -220,12 +246,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     history: Tensor
     start_step: int
-    desc: str
     precision: str
-    stop_on_nonfinite: bool
+    guard: _NonFiniteGuard | None
 
     def step(self, step: int, batch: TaskBatch, after_backward) -> Tensor:
-        """Loss, backward, the non-finite check and the optimiser step of meta-iteration ``step``."""
+        """Loss, backward, the non-finite flag and the (guarded) optimiser step of meta-iteration ``step``."""
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.leaves[0].device, self.precision):
             if getattr(self.objective, "uses_step", False):
@@ -235,26 +260,121 @@ class _Run:
         loss.float().backward()
         if after_backward is not None:
             after_backward(self.params)
-        index = step - self.start_step
-        self.history[index] = loss.detach()
-        if self.stop_on_nonfinite:
-            _stop_if_nonfinite(loss, self.leaves, step, self.desc, self.history[: index + 1])
-        self.optimizer.step()
+        self.history[step - self.start_step] = loss.detach()
+        if self.guard is None:
+            self.optimizer.step()
+        else:
+            self.guard.flag(step, loss, [p.grad for p in self.leaves if p.grad is not None])
+            self.guard.step(step)
         return loss
 
 
-def _stop_if_nonfinite(loss: Tensor, leaves: list[Tensor], step: int, desc: str, history: Tensor) -> None:
-    """Raise :class:`NonFiniteLossError` (before the optimiser step) when the loss or a gradient is not finite.
+_NO_BAD_STEP = 2 ** 62  # the code of "no bad iteration yet" (a bad iteration i has code 2 i + (0 loss, 1 gradient))
 
-    One flag is computed on the device and read once: a single host synchronisation per step."""
-    grads = [p.grad for p in leaves if p.grad is not None]
-    flags = torch.stack([torch.isfinite(loss.detach()).all(), *(torch.isfinite(g).all() for g in grads)])
-    if bool(flags.all()):
-        return
-    what = "loss" if not bool(flags[0]) else "gradient"
-    for p in leaves:
-        p.grad = None
-    raise NonFiniteLossError(step, what, desc, history.detach().float().cpu())
+
+class _NonFiniteGuard:
+    """The sync-free non-finite stop of :func:`meta_train`.
+
+    Each iteration :meth:`flag` folds its finiteness into a device-side int64 ``first`` (the code of the first
+    bad iteration: ``2 * step + (0 if the loss else 1)``, or :data:`_NO_BAD_STEP`) and a sticky device-side
+    bool ``bad``. :meth:`step` takes the optimiser step, then puts back, with ``torch.where(bad, before,
+    after)`` on the device, the parameters and every optimiser state tensor on the parameters' device: an
+    iteration at or after the first bad one changes nothing, without reading any flag. What cannot be
+    restored on the device (state on another device, e.g. Adam's CPU ``step`` counters, other values, the
+    learning rates, state created by the step) is logged on the host per iteration since the last
+    synchronisation and restored by :meth:`raise_if_bad`, the only place that reads the flag.
+    """
+
+    def __init__(self, leaves: list[Tensor], optimizer: torch.optim.Optimizer,
+                 reduce_bad: Callable[[Tensor], Tensor] | None) -> None:
+        self.optimizer, self.reduce_bad = optimizer, reduce_bad
+        self.device = leaves[0].device
+        tracked = {id(p): p for p in leaves}
+        for group in optimizer.param_groups:
+            tracked.update((id(p), p) for p in group["params"])
+        self.tracked = list(tracked.values())
+        self.leaves = leaves
+        self.first = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=self.device)
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.buffers: dict[tuple[int, str | None], Tensor] = {}
+        self.host_log: dict[int, tuple[list[dict], list[tuple], list[tuple]]] = {}
+
+    def flag(self, step: int, loss: Tensor, grads: list[Tensor]) -> None:
+        """Fold this iteration's finiteness (loss, then gradients) into ``first`` and ``bad`` (on the device)."""
+        loss_ok = torch.isfinite(loss.detach()).all().to(self.device)
+        ok = loss_ok
+        if grads:
+            ok = ok & torch.stack([torch.isfinite(g).all() for g in grads]).all().to(self.device)
+        code = torch.where(ok, _NO_BAD_STEP, 2 * step + loss_ok.long())
+        torch.minimum(self.first, code, out=self.first)
+        self.bad = self.first < _NO_BAD_STEP
+
+    def step(self, step: int) -> None:
+        """The optimiser step, undone on the device when ``bad`` (see the class)."""
+        optimizer, state = self.optimizer, self.optimizer.state
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        on_device, host, existed = [], [], {}
+        for p in self.tracked:
+            on_device.append((p, None))
+            entries = state[p] if p in state else {}
+            existed[id(p)] = set(entries)
+            for k, v in entries.items():
+                if isinstance(v, Tensor) and v.device == self.device:
+                    on_device.append((p, k))
+                else:
+                    host.append((p, k, v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)))
+        current = [self._get(p, k) for p, k in on_device]
+        snapshots = [self._buffer(p, k, t) for (p, k), t in zip(on_device, current, strict=True)]
+        with torch.no_grad():
+            torch._foreach_copy_(snapshots, current)
+            optimizer.step()
+            for (p, k), before in zip(on_device, snapshots, strict=True):
+                after = self._get(p, k)
+                after.copy_(torch.where(self.bad, before, after))
+        created = [(p, k) for p in self.tracked if p in state for k in state[p] if k not in existed[id(p)]]
+        self.host_log[step] = (groups, host, created)
+
+    def raise_if_bad(self, desc: str, history: Tensor, start_step: int) -> None:
+        """Read the flag (one host synchronisation); if an iteration was bad, restore what the device could
+        not and raise :class:`NonFiniteLossError` naming the first bad iteration. Reads nothing when no
+        iteration ran since the last synchronisation (the flags are unchanged)."""
+        if not self.host_log:
+            return
+        first = self.first if self.reduce_bad is None else self.reduce_bad(self.first.clone())
+        code = int(first)
+        if code >= _NO_BAD_STEP:
+            self.host_log.clear()
+            return
+        step, what = code // 2, ("loss" if code % 2 == 0 else "gradient")
+        self._restore_host(step)
+        for p in self.tracked:
+            p.grad = None
+        raise NonFiniteLossError(step, what, desc, history[: step - start_step + 1].detach().float().cpu())
+
+    def _restore_host(self, first: int) -> None:
+        state = self.optimizer.state
+        for step in sorted(s for s in self.host_log if s >= first):
+            for p, k in self.host_log[step][2]:
+                if p in state:
+                    state[p].pop(k, None)
+                    if not state[p]:
+                        del state[p]
+        if first in self.host_log:
+            groups, host, _ = self.host_log[first]
+            for group, saved in zip(self.optimizer.param_groups, groups, strict=True):
+                group.update(saved)
+            for p, k, v in host:
+                state[p][k] = v
+        self.host_log.clear()
+
+    def _get(self, p: Tensor, key: str | None) -> Tensor:
+        return p.detach() if key is None else self.optimizer.state[p][key]
+
+    def _buffer(self, p: Tensor, key: str | None, like: Tensor) -> Tensor:
+        buffer = self.buffers.get((id(p), key))
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = self.buffers[(id(p), key)] = torch.empty_like(like)
+        return buffer
 
 
 def _sanity_check(losses: Tensor, desc: str, start_step: int = 0) -> None:

@@ -107,6 +107,82 @@ def test_save_refuses_non_finite_parameters(tmp_path, monkeypatch):
     assert state["step"] == 4 and finite(state["params"])
 
 
+def test_a_run_reads_the_non_finite_flag_only_where_it_logs_or_saves_and_never_saves_after_a_bad_step(tmp_path,
+                                                                                                     monkeypatch):
+    """The training command relies on meta_train's sync-free stop: the flag is read at the steps that log or
+    save only, and a NaN between them (step 7 of 12) stops the run at the next one with the checkpoint of 6."""
+    real_meta_train = cli.meta_train
+    due = []
+
+    def nan_at_step_7(objective, params, *args, sync_every, **kwargs):
+        def objective_(p, batch, **kw):
+            loss = objective(p, batch, **kw)
+            return loss * float("nan") if kw.get("step") == 6 else loss
+        objective_.uses_step = True
+
+        def recorded(done):
+            if sync_every(done):
+                due.append(done)
+                return True
+            return False
+        return real_meta_train(objective_, params, *args, sync_every=recorded, **kwargs)
+
+    monkeypatch.setattr(cli, "meta_train", nan_at_step_7)
+    with pytest.raises(cli.TrainingDiverged, match=r"at step 7: the loss became non-finite.*\(step 6\)"):
+        cli.train(config(tmp_path, log_every=4, checkpoint_every=3, eval_every=6))
+    assert due == [3, 4, 6, 8]  # the flag was read at these steps only; the stop came at step 8's
+    state = cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 6 and finite(state["params"])
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [4]  # nothing logged after the bad step
+
+
+def _diverging_worker(rank, world_size, port, cfg_dict, out_dir):
+    import torch.distributed as dist
+
+    from metatut.distributed import DistributedContext
+    torch.set_num_threads(1)
+    real_meta_train = cli.meta_train
+
+    def inf_on_rank_1_at_step_5(objective, params, *args, **kwargs):
+        def objective_(p, batch, **kw):
+            loss = objective(p, batch, **kw)
+            return loss * float("inf") if rank == 1 and kw.get("step") == 4 else loss
+        objective_.uses_step = True
+        return real_meta_train(objective_, params, *args, **kwargs)
+
+    cli.meta_train = inf_on_rank_1_at_step_5
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        cli.train(cli.TrainConfig(**cfg_dict), context=DistributedContext(rank, world_size))
+        message = "no error"
+    except cli.TrainingDiverged as e:
+        message = f"{e.step} {e.what}: {e}"
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.txt").write_text(message)
+
+
+def test_two_processes_agree_on_a_divergence_seen_by_one_of_them(tmp_path):
+    """Only rank 1's loss becomes infinite (step 5); the flag, all-reduced at the synchronisation points only,
+    stops both ranks at step 6's with the same step and cause, and the checkpoint of step 3 is kept."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = {**SMALL, "task_streams": 2, "meta_batch": 4, "log_every": 4, "checkpoint_every": 3,
+           "out_dir": str(tmp_path / "run")}
+    mp.spawn(_diverging_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith("5 loss: training diverged at step 5: the loss became non-finite"), messages
+    assert "(step 3)" in messages[0]
+    state = cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 3 and finite(state["params"])
+
+
 def _poison_checkpoint(path):
     state = torch.load(path, weights_only=True)
     for v in state["params"].values():

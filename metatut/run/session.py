@@ -1,6 +1,6 @@
 """A training run as an object: :class:`Run` sets up (folder, lock, device, model, data, resume), runs the
-loop through :func:`metatut.meta_train` with its hooks (checkpoint, metrics log, evaluation, the per-step
-finiteness check, Ctrl-C), and cleans up (signal handler, log, lock, process group).
+loop through :func:`metatut.meta_train` with its hooks (checkpoint, metrics log, evaluation, the
+synchronisation points of the non-finite stop, Ctrl-C), and cleans up (signal handler, log, lock, process group).
 
 The order of the set-up is what the training command promises: every setting, the device and the folder
 are checked, and the checkpoint of a resume is read and checked, before the first file is written.
@@ -86,7 +86,8 @@ class Run:
         self.window: list[torch.Tensor] = []
         self.started = time.perf_counter()
         # index: 0-based index of the step running now; saved: the step of the checkpoint on disk
-        self.iterations, self.index, self.saved, self.last_loss = 0, 0, None, None
+        self.iterations, self.index, self.saved = 0, 0, None
+        self.planned: tuple[int, tuple[bool, bool, bool]] | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
     def start(self, context: DistributedContext | None = None) -> None:
@@ -197,14 +198,16 @@ class Run:
         'metrics', 'interrupted'}``. Raises :class:`TrainingDiverged` or :class:`EvaluationError`."""
         cfg, start_step = self.cfg, self.index
         self.started = time.perf_counter()
-        # after_backward checks every step (agreeing across processes); the loop's own check would be a
-        # second host synchronisation per step
-        engine_check = {"stop_on_nonfinite": False} if "stop_on_nonfinite" in _parameters(self.trainer) else {}
+        # meta_train's sync-free non-finite stop: the flag is read at the steps that log, save or stop only
+        # (agreed across processes there), so nothing non-finite is logged or saved
+        accepted = _parameters(self.trainer)
+        engine_check = {k: v for k, v in (("sync_every", self._sync_due), ("reduce_bad", self.ctx.minimum))
+                        if k in accepted or "**" in accepted}
         try:
             result = self.trainer(
-                self._watched_objective(), self.params, self._sample_batch, steps=cfg.steps, meta_lr=cfg.meta_lr,
+                self.parts.objective, self.params, self._sample_batch, steps=cfg.steps, meta_lr=cfg.meta_lr,
                 optimizer=self.optimizer, lr_schedule=cfg.lr_schedule, start_step=start_step,
-                on_step=self._on_step, after_backward=self._after_backward, log_every=cfg.log_every,
+                on_step=self._on_step, after_backward=self.ctx.average_gradients, log_every=cfg.log_every,
                 desc=cfg.name, progress_bar=None if (cfg.progress and self.ctx.is_main) else False, check=False,
                 precision=cfg.precision, **engine_check)
         except FloatingPointError as err:
@@ -235,49 +238,38 @@ class Run:
         return TaskBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in
                            ("support_x", "support_y", "query_x", "query_y")))
 
-    def _watched_objective(self) -> Callable:
-        """The objective, remembering each step's loss for :meth:`_after_backward`."""
-        objective = self.parts.objective
+    def _plan(self, done: int) -> tuple[bool, bool, bool]:
+        """``(stop, log, save)`` after the step that brings the count to ``done``, decided once per step (every
+        rank agrees to stop at the same step)."""
+        if self.planned is None or self.planned[0] != done:
+            cfg = self.cfg
+            stop = self.interrupted or (self.stop_after is not None and self.iterations + 1 >= self.stop_after)
+            if self.ctx.enabled:
+                stop = bool(self.ctx.mean(torch.tensor(float(stop))).item() > 0)
+            log = done % cfg.log_every == 0 or done == cfg.steps or stop
+            save = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop or (log and done % cfg.eval_every == 0)
+            self.planned = (done, (stop, log, save))
+        return self.planned[1]
 
-        def watched(p, batch, **kwargs):
-            loss = objective(p, batch, **kwargs)
-            self.last_loss = loss
-            return loss
-        watched.uses_step = bool(getattr(objective, "uses_step", False))
-        return watched
-
-    def _after_backward(self, params) -> None:
-        """All-reduce the gradients, then stop before the optimiser step if the loss or a gradient is not
-        finite. This costs one host synchronisation per step (``bool`` of one small tensor)."""
-        self.ctx.average_gradients(params)
-        loss, self.last_loss = self.last_loss, None
-        # the largest magnitude of each gradient (a norm could overflow for large finite values)
-        values = [g.detach().abs().amax().float() for g in (t.grad for t in params.values())
-                  if g is not None and g.numel()]
-        if loss is not None:
-            values.append(loss.detach().float().abs().amax())
-        finite = torch.isfinite(torch.stack(values)).all() if values else torch.tensor(True)
-        if not self.ctx.all_ok(finite, self.device):
-            what = "loss" if loss is not None and not bool(torch.isfinite(loss.detach()).all()) else "gradient"
-            raise TrainingDiverged(f"the {what} became non-finite", step=self.index + 1, what=what)
+    def _sync_due(self, done: int) -> bool:
+        """meta_train's synchronisation points: the steps that log, save (and evaluate) or stop."""
+        return any(self._plan(done))
 
     def _on_step(self, step: int, loss: torch.Tensor) -> None:
         """After each optimiser step: log, checkpoint (before evaluating), evaluate, stop when asked."""
         cfg, done = self.cfg, step + 1
+        stop, log, save = self._plan(done)
         self.index = done
         self.iterations += 1
         self.window.append(loss)
-        stop = self.interrupted or (self.stop_after is not None and self.iterations >= self.stop_after)
-        if self.ctx.enabled:  # every rank must agree to stop at the same step
-            stop = bool(self.ctx.mean(torch.tensor(float(stop))).item() > 0)
         row = None
-        if done % cfg.log_every == 0 or done == cfg.steps or stop:
+        if log:
             mean_loss = self.ctx.mean(torch.stack(self.window).mean()).item()
             self.window.clear()
             row = {"step": done, "loss": mean_loss, "meta_lr": self.optimizer.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - self.started, 3)}
         evaluate_now = row is not None and (done % cfg.eval_every == 0 or done == cfg.steps)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop or evaluate_now:
+        if save:
             self.save(done)  # before evaluating: a failing evaluation loses no training
         if evaluate_now:
             self._evaluate_into(row, done)
@@ -350,7 +342,9 @@ class Run:
 
 
 def _parameters(function) -> set[str]:
+    """The names of ``function``'s parameters, and ``'**'`` when it takes any keyword."""
     try:
-        return set(inspect.signature(function).parameters)
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return set()
+    return {p.name for p in parameters} | {"**" for p in parameters if p.kind is p.VAR_KEYWORD}
