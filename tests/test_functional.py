@@ -223,15 +223,7 @@ def test_any_module_works_through_the_loop_path():
     forced = mt.maml_loss(model, params, batch, inner_lr=0.01, vectorize=True)
     torch.testing.assert_close(forced, loop, rtol=1e-5, atol=1e-6)
 
-    class Counting(nn.Module):          # owns a buffer that its forward pass updates: vmap would update it once
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(1, 1)
-            self.register_buffer("calls", torch.zeros(()))
-
-        def forward(self, x):
-            self.calls += 1
-            return self.lin(x)
+    from test_engine_policy import Counting  # owns a buffer that its forward pass updates: vmap would update it once
 
     counting = Counting()
     params = mt.init_params(counting)

@@ -8,6 +8,7 @@ import torch
 
 import metatut as mt
 from metatut.train import cosine_lr
+from test_faults_engine import _NaNGradient  # identity forward, NaN gradient backward
 
 SYNCS = ("item", "__bool__", "tolist", "cpu", "__int__", "__float__", "__index__", "numpy")
 
@@ -66,16 +67,6 @@ def _bad_at(model, bad_step, what):
         return loss
     objective.uses_step = True
     return objective
-
-
-class _NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, math.nan)
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])

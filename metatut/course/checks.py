@@ -215,6 +215,29 @@ def _expect_unchanged(check: str, what: str, current: dict[str, Tensor], snapsho
                         "(e.g. p - inner_lr * g) and return them in a new dict.")
 
 
+def _expect_param_dict(check: str, out, params: Params, example: str, *, name: str = "out",
+                       shape_hint: str | None = None) -> Params:
+    """``out`` with the keys of ``params``, in the order of ``params`` (any order is accepted), else CheckFailed
+    (``name``: how the message calls the result; ``shape_hint``: the hint for a wrongly shaped entry)."""
+    if not isinstance(out, dict):
+        raise _fail(check, f"expected a dict {{name: tensor}}, got {type(out).__name__}.",
+                    f"Hint: build and return a new dict with the keys of params, e.g. {example}.")
+    if set(out) != set(params):
+        raise _fail(check, f"expected the keys {sorted(params)}, got {sorted(map(str, out))}.",
+                    "Hint: keep the same names as params, one entry for each.")
+    out = {k: out[k] for k in params}
+    for k, v in out.items():
+        if not isinstance(v, Tensor) or v.shape != params[k].shape:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            if isinstance(v, Tensor) and v.dim() == params[k].dim() + 1:
+                hint = "one value per task: did you forget to average over the task dimension, dim 0?"
+            else:
+                hint = shape_hint or f"each entry must have the shape of params[k], e.g. {example}."
+            raise _fail(check, f"{name}[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, got {got}.",
+                        f"Hint: {hint}")
+    return out
+
+
 def _batch_tensors(batch: TaskBatch) -> dict[str, Tensor]:
     return {n: getattr(batch, n) for n in ("support_x", "support_y", "query_x", "query_y")}
 
@@ -402,21 +425,9 @@ def check_inner_step(fn: Callable) -> None:
                 raise _fail(check, "you returned the params dict itself.",
                             "Hint: return a NEW dict {name: p - inner_lr * g}; leave params untouched.")
             _expect_unchanged(check, "the data", {"x": x, "y": y}, before_xy)
-            if not isinstance(out, dict):
-                raise _fail(check, f"expected a dict {{name: tensor}}, got {type(out).__name__}.",
-                            "Hint: zip the names of params with the gradients: "
-                            "{k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}.")
-            if set(out) != set(params):
-                raise _fail(check, f"expected the keys {list(params)}, got {list(out)}.",
-                            "Hint: keep the same names as params.")
-            out = {k: out[k] for k in params}
-            for k, v in out.items():
-                if not isinstance(v, Tensor) or v.shape != params[k].shape:
-                    got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                    raise _fail(check, f"theta'[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, "
-                                       f"got {got}.",
-                                "Hint: theta'[k] = params[k] - inner_lr * (the gradient for params[k]): one "
-                                "gradient per parameter, each shaped like its parameter.")
+            out = _expect_param_dict(check, out, params, "{k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}",
+                                     name="theta'", shape_hint="theta'[k] = params[k] - inner_lr * (the gradient for "
+                                     "params[k]): one gradient per parameter, each shaped like its parameter.")
 
             reference = functional.inner_step(fx.model, params, x, y, lr, create_graph=create_graph)
             got, expected = _flat(out.values()), _flat(reference.values())

@@ -31,6 +31,7 @@ from .checks import (
     _call,
     _checker,
     _close,
+    _expect_param_dict,
     _expect_unchanged,
     _fail,
     _first_match,
@@ -45,27 +46,6 @@ from .checks import (
 from ..models import Params
 
 __all__ = ["CheckFailed", "check_reptile_update", "check_meta_sgd_inner_step"]
-
-
-def _expect_param_dict(check: str, out, params: Params, example: str) -> Params:
-    """``out`` with the keys of ``params``, in the order of ``params`` (any order is accepted), else CheckFailed."""
-    if not isinstance(out, dict):
-        raise _fail(check, f"expected a dict {{name: tensor}}, got {type(out).__name__}.",
-                    f"Hint: build and return a new dict with the keys of params, e.g. {example}.")
-    if set(out) != set(params):
-        raise _fail(check, f"expected the keys {sorted(params)}, got {sorted(map(str, out))}.",
-                    "Hint: keep the same names as params, one entry for each.")
-    out = {k: out[k] for k in params}
-    for k, v in out.items():
-        if not isinstance(v, Tensor) or v.shape != params[k].shape:
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            if isinstance(v, Tensor) and v.dim() == params[k].dim() + 1:
-                hint = "one value per task: did you forget to average over the task dimension, dim 0?"
-            else:
-                hint = f"each entry must have the shape of params[k], e.g. {example}."
-            raise _fail(check, f"out[{k!r}] should be a tensor of shape {tuple(params[k].shape)}, got {got}.",
-                        f"Hint: {hint}")
-    return out
 
 
 # ------------------------------------------------------------------------------------ Reptile update
