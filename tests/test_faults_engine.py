@@ -444,3 +444,15 @@ def test_meta_train_without_the_stop_runs_on_and_the_final_check_still_reports()
         mt.meta_train(exploding, mt.init_params(model), lambda g: batch, steps=3, progress_bar=False,
                       stop_on_nonfinite=False)
     assert info.value.step == 0 and info.value.what == "loss"
+
+
+def test_task_threads_with_forced_vmap_are_refused_not_ignored():
+    """task_workers says how the per-task loop runs; with vectorize=True there is no loop, so the option would be
+    silently ignored: a clear error instead ('auto' still picks one path and ignores what does not apply)."""
+    model, params = mlp64()
+    batch = sinusoid()
+    with pytest.raises(mt.VectorizeError, match=r"task_workers=2 runs the per-task loop in threads.*vectorize=True"):
+        mt.maml_loss(model, params, batch, inner_lr=0.1, vectorize=True, task_workers=2)
+    auto = mt.maml_loss(model, params, batch, inner_lr=0.1, task_workers=2)
+    loop = mt.maml_loss(model, params, batch, inner_lr=0.1, vectorize=False)
+    torch.testing.assert_close(auto, loop, rtol=1e-12, atol=1e-14)

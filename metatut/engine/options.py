@@ -152,6 +152,12 @@ class ExecutionOptions:
         check_positive_int("task_workers", self.task_workers)
         check_bool("per_task_backward", self.per_task_backward)
         check_bool("checkpoint_steps", self.checkpoint_steps)
+        if self.vectorize is True and self.task_workers > 1:
+            from .policy import VectorizeError
+
+            raise VectorizeError(f"task_workers={self.task_workers} runs the per-task loop in threads; it cannot be "
+                                 "combined with vectorize=True (vmap computes all tasks at once): use one of them, or "
+                                 "vectorize='auto'")
 
     @property
     def threaded(self) -> bool:
