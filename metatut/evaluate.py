@@ -12,13 +12,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .engine.execution import over_tasks
-from .engine.inner_loop import LossFn, adapt, inner_trajectory, prepare
+from .engine.inner_loop import LossFn, inner_trajectory, prepare
 from .engine.policy import use_vmap
 from .models import Params
 from .tasks.base import TaskBatch
 from .tasks.episodes import held_out_episodes
 
-__all__ = ["Summary", "summarize", "adaptation_curve", "evaluate_adaptation", "adapted_accuracy", "adapted_predictor",
+__all__ = ["Summary", "summarize", "adaptation_curve", "evaluate_adaptation", "adapted_accuracy", "adapted_logits", "adapted_predictor",
            "held_out_episodes"]
 
 
@@ -131,11 +131,43 @@ def evaluate_adaptation(model: nn.Module, params: Params, tasks, *, inner_lr=Non
     return {k: summarize(curve[:, k]) for k in steps}
 
 
+def adapted_logits(model: nn.Module, params: Params, tasks: TaskBatch, *, inner_lr, steps: int,
+                   adapt_names=None, buffers=None, loss_fn: LossFn = F.cross_entropy, vectorize="auto") -> Tensor:
+    """The model's outputs on each task's query set after ``steps`` inner steps on its support set, evaluated
+    exactly as the meta-loss evaluates the query set after the last step: with the per-step parameters and
+    ``buffers`` of step ``steps`` when ``params`` holds MAML++'s per-step copies. Returns ``[tasks, queries, ...]``
+    (detached). ``inner_lr``, ``adapt_names`` and ``buffers`` are as in :func:`metatut.maml_loss`.
+
+    Example::
+
+        >>> import metatut as mt
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        >>> episodes = mt.sample_episodes(torch.rand(5, 4, 4, 4), 2, n_way=3, k_shot=1, q_query=2)
+        >>> adapted_logits(model, mt.init_params(model), episodes, inner_lr=0.1, steps=1).shape
+        torch.Size([2, 6, 3])
+    """
+    from .engine.conventions import at_step
+
+    ready = prepare(model, {k: v.detach() for k, v in params.items()}, tasks, inner_lr=inner_lr, loss_fn=loss_fn,
+                    steps=steps, adapt_names=adapt_names, buffers=buffers)
+
+    def query_outputs(net, p, task, functional):
+        adapted = inner_trajectory(net, p, task, losses=ready.losses, optimizer=ready.optimizer, steps=steps,
+                                   first_order=True, adapt_names=ready.names, functional=functional)[-1]
+        return functional_call(net, {**adapted, **at_step(ready.overrides, steps)}, (task.query_x,)).detach()
+
+    with torch.no_grad():
+        vmapped = use_vmap(model, vectorize, per_step=ready.overrides is not None, probe=ready.probe)
+        return over_tasks(model, query_outputs, ready.theta, (ready.tasks,), use_vmap=vmapped)
+
+
 def adapted_accuracy(model: nn.Module, params: Params, tasks: TaskBatch, *, inner_lr, steps: int,
-                     adapt_names=None, loss_fn: LossFn = F.cross_entropy, vectorize="auto") -> Tensor:
+                     adapt_names=None, buffers=None, loss_fn: LossFn = F.cross_entropy, vectorize="auto") -> Tensor:
     """Classification accuracy on each task's query set after ``steps`` SGD steps on its support set.
 
-    ``support_y``/``query_y`` hold class indices ``[tasks, shots]``. Returns ``[tasks]`` (detached).
+    ``support_y``/``query_y`` hold class indices ``[tasks, shots]``. Returns ``[tasks]`` (detached). MAML++'s
+    per-step parameters (and ``buffers``) are used as in training: the query set is scored with those of step
+    ``steps`` (:func:`adapted_logits`).
 
     Example::
 
@@ -145,23 +177,16 @@ def adapted_accuracy(model: nn.Module, params: Params, tasks: TaskBatch, *, inne
         >>> adapted_accuracy(model, mt.init_params(model), episodes, inner_lr=0.1, steps=1).shape
         torch.Size([2])
     """
-    detached = {k: v.detach() for k, v in params.items()}
-    adapted = adapt(model, detached, tasks.support_x, tasks.support_y, inner_lr=inner_lr, steps=steps,
-                    first_order=True, adapt_names=adapt_names, loss_fn=loss_fn, vectorize=vectorize)
-    with torch.no_grad():
-        correct = []
-        for t in range(tasks.num_tasks):
-            p = {k: v[t] for k, v in adapted.items()}
-            logits = functional_call(model, p, (tasks.query_x[t],))
-            correct.append((logits.argmax(-1) == tasks.query_y[t]).float().mean())
-    return torch.stack(correct)
+    logits = adapted_logits(model, params, tasks, inner_lr=inner_lr, steps=steps, adapt_names=adapt_names,
+                            buffers=buffers, loss_fn=loss_fn, vectorize=vectorize)
+    return (logits.argmax(-1) == tasks.query_y).float().mean(-1)
 
 
 def adapted_predictor(model: nn.Module, params: Params, *, inner_lr, steps: int, adapt_names=None,
-                      loss_fn: LossFn = F.cross_entropy):
+                      buffers=None, loss_fn: LossFn = F.cross_entropy):
     """``predict(support_x [n, ...], support_y [n], query_x [m, ...]) -> labels [m]`` for one task:
-    fine-tune on the support set as :func:`adapted_accuracy` does, then take the arg-max class
-    (e.g. for :func:`metatut.data.evaluate_one_shot`).
+    fine-tune on the support set as :func:`adapted_accuracy` does (per-step parameters and ``buffers`` included),
+    then take the arg-max class (e.g. for :func:`metatut.data.evaluate_one_shot`).
 
     Example::
 
@@ -172,8 +197,8 @@ def adapted_predictor(model: nn.Module, params: Params, *, inner_lr, steps: int,
         torch.Size([3])
     """
     def predict(support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        adapted = adapt(model, {k: v.detach() for k, v in params.items()}, support_x[None], support_y[None],
-                        inner_lr=inner_lr, steps=steps, first_order=True, adapt_names=adapt_names, loss_fn=loss_fn)
-        with torch.no_grad():
-            return functional_call(model, {k: v[0] for k, v in adapted.items()}, (query_x,)).argmax(-1)
+        dummy_y = torch.zeros(query_x.shape[0], dtype=support_y.dtype, device=support_y.device)
+        task = TaskBatch(support_x[None], support_y[None], query_x[None], dummy_y[None])
+        return adapted_logits(model, params, task, inner_lr=inner_lr, steps=steps, adapt_names=adapt_names,
+                              buffers=buffers, loss_fn=loss_fn, vectorize=False)[0].argmax(-1)
     return predict

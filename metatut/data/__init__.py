@@ -1,4 +1,21 @@
-"""Datasets: Omniglot (download, verify, decode once, cache, split) and Lake et al.'s one-shot runs."""
+"""Datasets: Omniglot (download, verify, decode once, cache, split), Lake et al.'s one-shot runs, and words of
+many languages from wordfreq (few-shot language identification)."""
+from .languages import (
+    LATIN_SCRIPT_LANGUAGES,
+    TEST_LANGUAGES,
+    TRAIN_LANGUAGES,
+    VALIDATION_LANGUAGES,
+    Alphabet,
+    LanguageSplit,
+    WordClasses,
+    WordEpisodeSampler,
+    language_words,
+    load_languages,
+    ngram_nearest_neighbour,
+    sample_word_episodes,
+    word_episodes,
+    wordfreq_languages,
+)
 from .omniglot import (
     IMAGES_PER_CHARACTER,
     LOCK_NAME,
@@ -38,4 +55,7 @@ __all__ = [
     "offline_omniglot_dir", "data_lock", "LOCK_NAME",
     "HUMAN_ERROR", "BPL_ERROR", "OneShotRuns", "OneShotResult", "load_one_shot_runs", "evaluate_one_shot",
     "pixel_nearest_neighbour",
+    "LATIN_SCRIPT_LANGUAGES", "TRAIN_LANGUAGES", "VALIDATION_LANGUAGES", "TEST_LANGUAGES", "Alphabet", "WordClasses",
+    "LanguageSplit", "WordEpisodeSampler", "language_words", "load_languages", "ngram_nearest_neighbour",
+    "sample_word_episodes", "word_episodes", "wordfreq_languages",
 ]

@@ -31,16 +31,19 @@ def _as_images(images) -> Tensor:
     return images
 
 
-def _check_episode(images: Tensor, num_tasks, n_way, k_shot, q_query) -> None:
+def _check_episode(images: Tensor, num_tasks, n_way, k_shot, q_query, *, classes_are: str = "classes",
+                   examples_are: str = "images per class") -> None:
+    """Episode sizes against a pool ``[classes, per_class, ...]`` (``classes_are``/``examples_are`` name them in
+    the errors: "languages", "words per language" for :mod:`metatut.data.languages`)."""
     classes, per_class = images.shape[:2]
     check_positive_int("num_tasks", num_tasks)
     check_n_way(n_way)
     check_positive_int("k_shot", k_shot)
     check_positive_int("q_query", q_query)
     if n_way > classes:
-        raise ValueError(f"n_way must be an int in [2, {classes}] (the number of classes) (got {n_way})")
+        raise ValueError(f"n_way must be an int in [2, {classes}] (the number of {classes_are}) (got {n_way})")
     if k_shot + q_query > per_class:
-        raise ValueError(f"k_shot + q_query must be at most {per_class} (the images per class) "
+        raise ValueError(f"k_shot + q_query must be at most {per_class} (the {examples_are}) "
                          f"(got k_shot={k_shot}, q_query={q_query})")
 
 
