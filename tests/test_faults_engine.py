@@ -388,6 +388,17 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(g, math.nan)
 
 
+def bad_at(model, bad_step, what):
+    """The summed task loss, made non-finite at ``bad_step``: the loss (``what="loss"``) or its gradient."""
+    def objective(p, b, step):
+        loss = mt.summed_task_loss(model, p, b)
+        if step == bad_step:
+            loss = loss * math.inf if what == "loss" else _NaNGradient.apply(loss)
+        return loss
+    objective.uses_step = True
+    return objective
+
+
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_meta_train_stops_at_the_first_non_finite_step_and_keeps_the_last_finite_parameters(what):
     model = mt.mlp(hidden=(8,), seed=0)
@@ -395,13 +406,7 @@ def test_meta_train_stops_at_the_first_non_finite_step_and_keeps_the_last_finite
     batch = mt.SinusoidTasks().sample(2, 5, generator=mt.make_generator(0))
     bad_step = 3
     snapshots = {}
-
-    def objective(p, b, step):
-        loss = mt.summed_task_loss(model, p, b)
-        if step == bad_step:
-            loss = loss * math.inf if what == "loss" else _NaNGradient.apply(loss)
-        return loss
-    objective.uses_step = True
+    objective = bad_at(model, bad_step, what)
 
     def record(step, loss):
         snapshots[step] = {k: v.detach().clone() for k, v in params.items()}

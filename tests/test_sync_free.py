@@ -1,6 +1,5 @@
 """meta_train synchronises with the host only at its logging points (issue "GPU-accelerated MAML that is fast
 where users feel it", section 2), and its non-finite stop, deferred to those points, is exact."""
-import math
 import traceback
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import metatut as mt
 from metatut.train import cosine_lr
-from test_faults_engine import _NaNGradient  # identity forward, NaN gradient backward
+from test_faults_engine import bad_at  # the summed loss, non-finite (loss or gradient) at one step
 
 SYNCS = ("item", "__bool__", "tolist", "cpu", "__int__", "__float__", "__index__", "numpy")
 
@@ -59,16 +58,6 @@ def test_meta_train_reads_the_device_only_at_its_logging_points(count_syncs):
     assert len(reads) == 3
 
 
-def _bad_at(model, bad_step, what):
-    def objective(p, b, step):
-        loss = mt.summed_task_loss(model, p, b)
-        if step == bad_step:
-            loss = loss * math.inf if what == "loss" else _NaNGradient.apply(loss)
-        return loss
-    objective.uses_step = True
-    return objective
-
-
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_a_bad_step_between_synchronisation_points_is_reported_at_the_next_one_and_changed_nothing(what):
     model = mt.mlp(hidden=(8,), seed=0)
@@ -77,7 +66,7 @@ def test_a_bad_step_between_synchronisation_points_is_reported_at_the_next_one_a
     # the reference: the parameters and Adam's state after step 2
     reference = mt.init_params(model)
     ref_optimizer = torch.optim.Adam(list(reference.values()), lr=1e-2)
-    mt.meta_train(_bad_at(model, bad_step, what), reference, lambda g: batch, steps=bad_step,
+    mt.meta_train(bad_at(model, bad_step, what), reference, lambda g: batch, steps=bad_step,
                   optimizer=ref_optimizer, progress_bar=False, check=False)
 
     params = mt.init_params(model)
@@ -89,7 +78,7 @@ def test_a_bad_step_between_synchronisation_points_is_reported_at_the_next_one_a
         return batch
 
     with pytest.raises(mt.NonFiniteLossError) as info:
-        mt.meta_train(_bad_at(model, bad_step, what), params, sample, steps=30, optimizer=optimizer,
+        mt.meta_train(bad_at(model, bad_step, what), params, sample, steps=30, optimizer=optimizer,
                       sync_every=10, progress_bar=False)
     error = info.value
     assert error.step == bad_step and error.what == what
@@ -112,7 +101,7 @@ def test_a_bad_first_step_leaves_a_fresh_optimiser_without_state():
     before = {k: v.detach().clone() for k, v in params.items()}
     optimizer = torch.optim.Adam(list(params.values()), lr=1e-2)
     with pytest.raises(mt.NonFiniteLossError, match="at step 0"):
-        mt.meta_train(_bad_at(model, 0, "loss"), params, lambda g: batch, steps=8, optimizer=optimizer,
+        mt.meta_train(bad_at(model, 0, "loss"), params, lambda g: batch, steps=8, optimizer=optimizer,
                       sync_every=5, progress_bar=False)
     assert len(optimizer.state) == 0
     assert all(torch.equal(v.detach(), before[k]) for k, v in params.items())
@@ -130,7 +119,7 @@ def test_the_stop_is_exact_under_a_cosine_schedule_and_a_function_as_sync_every(
         return done == 7
 
     with pytest.raises(mt.NonFiniteLossError, match="at step 4") as info:
-        mt.meta_train(_bad_at(model, 4, "gradient"), params, lambda g: batch, steps=20, optimizer=optimizer,
+        mt.meta_train(bad_at(model, 4, "gradient"), params, lambda g: batch, steps=20, optimizer=optimizer,
                       meta_lr=1e-2, lr_schedule="cosine", sync_every=sync_due, progress_bar=False)
     assert synced == list(range(1, 8)) and info.value.what == "gradient"
     assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(4, 20, 1e-2, 0.0))
@@ -142,7 +131,7 @@ def test_an_on_step_hook_only_sees_finite_steps_unless_sync_every_is_given():
     for sync_every, seen in ((None, [0, 1]), (4, [0, 1, 2])):
         steps = []
         with pytest.raises(mt.NonFiniteLossError, match="at step 2"):
-            mt.meta_train(_bad_at(model, 2, "loss"), mt.init_params(model), lambda g: batch, steps=10,
+            mt.meta_train(bad_at(model, 2, "loss"), mt.init_params(model), lambda g: batch, steps=10,
                           on_step=lambda step, loss, seen_here=steps: seen_here.append(step), sync_every=sync_every, progress_bar=False)
         assert steps == seen
 

@@ -36,7 +36,9 @@ from torch import Tensor
 
 from ..tasks.base import TaskBatch
 from ..tasks.episodes import _check_episode as check_episode
-from ..validate import check_generator, check_positive_int
+from ..tasks.episodes import _check_generator as check_generator_device
+from ..tasks.episodes import _gather_episodes as gather_episodes
+from ..validate import check_positive_int
 
 __all__ = ["PAD", "UNKNOWN", "LATIN_SCRIPT_LANGUAGES", "TRAIN_LANGUAGES", "VALIDATION_LANGUAGES", "TEST_LANGUAGES",
            "wordfreq_languages", "language_words", "Alphabet", "WordClasses", "LanguageSplit", "load_languages",
@@ -380,24 +382,11 @@ def _check_episode(ids: Tensor, num_tasks, n_way, k_shot, q_query) -> None:
 
 
 def _check_device(generator, device: torch.device) -> None:
-    check_generator(generator)
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator lives on {generator.device} but the words are on {device}; make the generator "
-                         "on the words' device (metatut.make_generator(seed, device))")
+    check_generator_device(generator, device, "words")
 
 
 def _draw(ids: Tensor, num_tasks: int, n_way: int, k_shot: int, q_query: int, generator) -> TaskBatch:
-    classes, per_class, _ = ids.shape
-    device = ids.device
-    chosen = torch.rand(num_tasks, classes, generator=generator, device=device).argsort(dim=1)[:, :n_way]
-    picks = torch.rand(num_tasks, n_way, per_class, generator=generator, device=device).argsort(dim=2)
-    picks = picks[:, :, :k_shot + q_query]                                      # [tasks, N, K+Q]
-    x = ids[chosen.unsqueeze(-1), picks]                                        # [tasks, N, K+Q, length]
-    labels = torch.arange(n_way, device=device).view(1, n_way, 1)
-    support_y = labels.expand(num_tasks, n_way, k_shot).flatten(1, 2).contiguous()
-    query_y = labels.expand(num_tasks, n_way, q_query).flatten(1, 2).contiguous()
-    return TaskBatch(x[:, :, :k_shot].flatten(1, 2), support_y, x[:, :, k_shot:].flatten(1, 2), query_y,
-                     {"classes": chosen, "examples": picks})
+    return gather_episodes(ids, num_tasks, n_way, k_shot, q_query, generator)
 
 
 def sample_word_episodes(words, num_tasks: int, n_way: int, k_shot: int, q_query: int, *,

@@ -47,24 +47,27 @@ def _check_episode(images: Tensor, num_tasks, n_way, k_shot, q_query, *, classes
                          f"(got k_shot={k_shot}, q_query={q_query})")
 
 
-def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+def _check_generator(generator: torch.Generator | None, device: torch.device, what: str = "images") -> None:
     check_generator(generator)
     if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator lives on {generator.device} but the images are on {device}; make the generator "
-                         "on the images' device (metatut.make_generator(seed, device))")
+        raise ValueError(f"generator lives on {generator.device} but the {what} are on {device}; make the generator "
+                         f"on the {what}' device (metatut.make_generator(seed, device))")
 
 
-def _draw(images: Tensor, num_tasks: int, n_way: int, k_shot: int, q_query: int,
-          generator: torch.Generator | None, dtype: torch.dtype) -> TaskBatch:
-    classes, per_class, height, width = images.shape
-    device = images.device
-    # Without replacement: the first n of a random permutation (argsort of uniform keys).
+def _gather_episodes(pool: Tensor, num_tasks: int, n_way: int, k_shot: int, q_query: int,
+                     generator: torch.Generator | None, transform=None) -> TaskBatch:
+    """N-way K-shot episodes from ``pool [classes, per_class, ...]`` (any example shape: images, word ids).
+
+    Classes and examples are drawn without replacement (the first n of a random permutation: argsort of uniform
+    keys); ``transform`` maps the gathered examples ``[tasks, N, K+Q, ...]`` (e.g. scale and add a channel)."""
+    classes, per_class = pool.shape[:2]
+    device = pool.device
     chosen = torch.rand(num_tasks, classes, generator=generator, device=device).argsort(dim=1)[:, :n_way]
     picks = torch.rand(num_tasks, n_way, per_class, generator=generator, device=device).argsort(dim=2)
     picks = picks[:, :, :k_shot + q_query]                                    # [tasks, N, K+Q]
-    x = images[chosen.unsqueeze(-1), picks]                                   # [tasks, N, K+Q, H, W]
-    x = x.to(dtype).div_(255) if images.dtype == torch.uint8 else x.to(dtype)
-    x = x.unsqueeze(3)                                                        # [tasks, N, K+Q, 1, H, W]
+    x = pool[chosen.unsqueeze(-1), picks]                                     # [tasks, N, K+Q, ...]
+    if transform is not None:
+        x = transform(x)
     labels = torch.arange(n_way, device=device).view(1, n_way, 1)
 
     def flat(t: Tensor) -> Tensor:
@@ -74,6 +77,14 @@ def _draw(images: Tensor, num_tasks: int, n_way: int, k_shot: int, q_query: int,
     query_y = flat(labels.expand(num_tasks, n_way, q_query))
     return TaskBatch(flat(x[:, :, :k_shot]), support_y.contiguous(), flat(x[:, :, k_shot:]), query_y.contiguous(),
                      {"classes": chosen, "examples": picks})
+
+
+def _draw(images: Tensor, num_tasks: int, n_way: int, k_shot: int, q_query: int,
+          generator: torch.Generator | None, dtype: torch.dtype) -> TaskBatch:
+    def as_input(x: Tensor) -> Tensor:                                        # [tasks, N, K+Q, 1, H, W]
+        x = x.to(dtype).div_(255) if images.dtype == torch.uint8 else x.to(dtype)
+        return x.unsqueeze(3)
+    return _gather_episodes(images, num_tasks, n_way, k_shot, q_query, generator, as_input)
 
 
 def sample_episodes(images, num_tasks: int, n_way: int, k_shot: int, q_query: int, *,
