@@ -15,6 +15,11 @@
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
+# an absolute interpreter path: the build below runs in another directory
+PYTHON="$("$PYTHON" -c 'import sys; print(sys.executable)')" || {
+    echo "error: cannot run the Python interpreter given in PYTHON" >&2
+    exit 1
+}
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PEERS_DIR="$BENCH_DIR/.peers"
 SITE_DIR="$PEERS_DIR/site"

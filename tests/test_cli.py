@@ -170,3 +170,35 @@ def test_omniglot_runs_train_and_report_accuracy(tmp_path, algorithm, monkeypatc
     metrics = cli.train(cfg)["metrics"]
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_accuracy_ci95"] >= 0
     assert cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["algorithm"] == algorithm
+
+
+def _interrupted_worker(rank, world_size, port, cfg_dict, out_dir):
+    """Rank 0 alone is 'interrupted' (as Ctrl-C reaches the main process only) during step 3."""
+    import torch.distributed as dist
+
+    from metatut.run.session import Run
+    torch.set_num_threads(1)
+    original = Run._on_step
+
+    def on_step(self, step, loss):
+        if rank == 0 and step + 1 == 3:
+            self.interrupted = True
+        return original(self, step, loss)
+    Run._on_step = on_step
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        result = cli.train(cli.TrainConfig(**cfg_dict), context=DistributedContext(rank, world_size))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"step": result["step"],
+                                                                "interrupted": result["interrupted"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ctrl_c_on_the_main_process_stops_every_rank_at_the_next_logging_step(tmp_path):
+    cfg = {**SMALL, "task_streams": 2, "meta_batch": 4, "steps": 12, "log_every": 4, "checkpoint_every": 100,
+           "eval_every": 100, "out_dir": str(tmp_path / "run")}
+    mp.spawn(_interrupted_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step"] for r in ranks] == [4, 4]          # interrupted in step 3; agreed at the logging step 4
+    assert ranks[0]["interrupted"] and not ranks[1]["interrupted"]
+    assert cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4

@@ -182,14 +182,16 @@ class Run:
         self.log = MetricsLog(self.out_dir, rows)
 
     def _catch_sigint(self) -> None:
-        """Ctrl-C finishes the step and saves a checkpoint; a second Ctrl-C stops at once."""
+        """Ctrl-C finishes the step (under torchrun: up to the next logging step, where the ranks agree on it) and
+        saves a checkpoint; a second Ctrl-C stops at once."""
         if not (self.ctx.is_main and threading.current_thread() is threading.main_thread()):
             return
 
         def on_sigint(signum, frame):
             self.interrupted = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nCtrl-C: finishing this step, saving a checkpoint; --resume continues", file=sys.stderr)
+            when = ("the next logging step (at most log_every steps)" if self.ctx.enabled else "this step")
+            print(f"\nCtrl-C: finishing {when}, saving a checkpoint; --resume continues", file=sys.stderr)
         self.previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
     # -------------------------------------------------------------------------------------------- loop
@@ -243,9 +245,14 @@ class Run:
         rank agrees to stop at the same step)."""
         if self.planned is None or self.planned[0] != done:
             cfg = self.cfg
-            stop = self.interrupted or (self.stop_after is not None and self.iterations + 1 >= self.stop_after)
-            if self.ctx.enabled:
-                stop = bool(self.ctx.mean(torch.tensor(float(stop))).item() > 0)
+            stop = self.stop_after is not None and self.iterations + 1 >= self.stop_after   # the same on every rank
+            if not self.ctx.enabled:
+                stop = stop or self.interrupted
+            elif done % cfg.log_every == 0 or done == cfg.steps:
+                # Ctrl-C reaches the main process only: the ranks agree on it at the logging steps (the same on
+                # every rank), with one all-reduce on the collective's device there, not a host sync per step
+                asked = self.ctx.mean(torch.tensor(float(self.interrupted), device=self.device))
+                stop = bool(asked.item() > 0) or stop
             log = done % cfg.log_every == 0 or done == cfg.steps or stop
             save = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop or (log and done % cfg.eval_every == 0)
             self.planned = (done, (stop, log, save))
