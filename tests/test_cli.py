@@ -173,7 +173,7 @@ def test_omniglot_runs_train_and_report_accuracy(tmp_path, algorithm, monkeypatc
 
 
 def _interrupted_worker(rank, world_size, port, cfg_dict, out_dir):
-    """Rank 0 alone is 'interrupted' (as Ctrl-C reaches the main process only) during step 3."""
+    """Rank 0 alone is 'interrupted' (as Ctrl-C reaches the main process only) during step 5."""
     import torch.distributed as dist
 
     from metatut.run.session import Run
@@ -181,7 +181,7 @@ def _interrupted_worker(rank, world_size, port, cfg_dict, out_dir):
     original = Run._on_step
 
     def on_step(self, step, loss):
-        if rank == 0 and step + 1 == 3:
+        if rank == 0 and step + 1 == 5:
             self.interrupted = True
         return original(self, step, loss)
     Run._on_step = on_step
@@ -199,6 +199,7 @@ def test_ctrl_c_on_the_main_process_stops_every_rank_at_the_next_logging_step(tm
            "eval_every": 100, "out_dir": str(tmp_path / "run")}
     mp.spawn(_interrupted_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["step"] for r in ranks] == [4, 4]          # interrupted in step 3; agreed at the logging step 4
+    # interrupted in step 5; agreed at the next logging step, 8 (no per-step all-reduce before it)
+    assert [r["step"] for r in ranks] == [8, 8]
     assert ranks[0]["interrupted"] and not ranks[1]["interrupted"]
-    assert cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert cli.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 8
