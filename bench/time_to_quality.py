@@ -151,12 +151,11 @@ def run_all(args) -> None:
 
 
 def load_split():
-    """The small offline Omniglot sets with the split of notebooks 05/06 and the checkpoints."""
-    from metatut.data import SMALL_ZIPS, fraction_split, load_omniglot, offline_omniglot_dir
-    root = offline_omniglot_dir(SMALL_ZIPS)
-    if root is None:
-        raise SystemExit("error: the small offline Omniglot sets are not here (metatut.data.offline_omniglot_dir())")
-    return fraction_split(load_omniglot("small", root=root, download=False), seed=0)
+    """The small Omniglot sets with the training command's split (that of notebooks 05/06 and the checkpoints):
+    :func:`metatut.run.build.omniglot_split`, which finds the offline copy or downloads the sets."""
+    from metatut.run.build import omniglot_split
+    from metatut.run.config import TrainConfig
+    return omniglot_split(TrainConfig(task="omniglot", dataset="small"))
 
 
 class MetatutTrainer:
